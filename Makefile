@@ -1,0 +1,61 @@
+# Everyday commands. Caches (pip, Go modules, built control-plane binaries) live outside the repo.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+# Where `make install-cli` links the meshtls commands (and the cached helm) so they are on PATH.
+BINDIR ?= /usr/local/bin
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: venv install-cli test test-unit lint test-e2e cluster-up cluster-down cluster-build demo bench bench-pki clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	@touch $@
+	@$(MAKE) --no-print-directory install-cli
+
+# Puts meshtls, meshtls-proxy and kubectl-meshtls (a kubectl plugin) on PATH, when BINDIR is writable.
+install-cli:
+	@if [ -w "$(BINDIR)" ]; then \
+	  for c in meshtls meshtls-proxy kubectl-meshtls; do ln -sf "$(abspath $(BIN))/$$c" "$(BINDIR)/$$c"; done; \
+	  echo "linked meshtls, meshtls-proxy, kubectl-meshtls into $(BINDIR)"; \
+	else echo "$(BINDIR) is not writable: use $(BIN)/meshtls or run 'make install-cli BINDIR=...'"; fi
+
+test: lint test-unit test-e2e
+
+test-unit: venv
+	$(PY) -m pytest -q tests
+
+lint: venv
+	$(BIN)/ruff check operator tests e2e
+	$(BIN)/mypy
+	cd operator && ../$(BIN)/lint-imports --config ../.importlinter
+
+test-e2e: venv cluster-build
+	$(PY) -m pytest -q -p no:cacheprovider e2e
+
+cluster-build: venv
+	$(PY) -m e2e.harness build
+
+cluster-up: venv
+	$(PY) -m e2e.harness up
+
+cluster-down: venv
+	$(PY) -m e2e.harness down
+
+demo: venv cluster-build
+	$(PY) -m e2e.demo
+
+bench-pki: venv
+	$(PY) -m meshtls.pki.bench
+
+bench: venv cluster-build
+	$(PY) -m bench.run
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
