@@ -34,7 +34,7 @@ test-unit: venv
 lint: venv
 	$(BIN)/ruff check operator tests e2e
 	$(BIN)/mypy
-	cd operator && ../$(BIN)/lint-imports --config ../.importlinter
+	cd operator && ../$(BIN)/lint-imports ../.importlinter
 
 test-e2e: venv cluster-build
 	$(PY) -m pytest -q -p no:cacheprovider e2e
