@@ -1,0 +1,140 @@
+"""The sidecar's configuration: what the operator renders into a ConfigMap and `meshtls-proxy` reads.
+
+One schema, one parser, used on both sides so they can never disagree. Pure: no Kubernetes, no sockets.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from meshtls.pki.errors import PKIError
+from meshtls.pki.spiffe import parse_spiffe_id
+
+CONFIG_FILE = "proxy.yaml"
+IDENTITY_DIR = "/var/run/meshtls/identity"  # the Secret: tls.crt (leaf+chain), tls.key, ca.crt
+BUNDLE_DIR = "/var/run/meshtls/bundle"  # the trust bundle ConfigMap: ca.crt (all roots), crl.pem
+CONFIG_DIR = "/etc/meshtls"  # this file
+DEFAULT_ADMIN_PORT = 15090
+DEFAULT_RELOAD_INTERVAL = dt.timedelta(seconds=1)
+
+
+@dataclass(frozen=True)
+class InboundRoute:
+    """TLS on `port` (all interfaces), client certificate required, peer in `allow`, then plaintext to the app."""
+
+    port: int
+    app_port: int
+    allow: tuple[str, ...] = ()  # SPIFFE IDs, exact or `prefix/*`; empty allows nobody
+
+
+@dataclass(frozen=True)
+class OutboundRoute:
+    """Plaintext on 127.0.0.1:`listen_port`, then TLS to `address` whose certificate must carry `peer`."""
+
+    listen_port: int
+    address: str  # host:port
+    peer: str  # expected SPIFFE ID of the upstream, or a `prefix/*` pattern
+
+
+@dataclass(frozen=True)
+class SidecarConfig:
+    spiffe_id: str
+    identity_dir: str = IDENTITY_DIR
+    bundle_dir: str = BUNDLE_DIR
+    inbound: tuple[InboundRoute, ...] = ()
+    outbound: tuple[OutboundRoute, ...] = ()
+    admin_port: int = DEFAULT_ADMIN_PORT
+    admin_address: str = "127.0.0.1"
+    reload_interval: dt.timedelta = DEFAULT_RELOAD_INTERVAL
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "spiffeId": self.spiffe_id,
+            "identityDir": self.identity_dir,
+            "bundleDir": self.bundle_dir,
+            "inbound": [{"port": r.port, "appPort": r.app_port, "allow": list(r.allow)} for r in self.inbound],
+            "outbound": [{"listenPort": r.listen_port, "address": r.address, "peer": r.peer} for r in self.outbound],
+            "admin": {"port": self.admin_port, "address": self.admin_address},
+            "reloadIntervalSeconds": self.reload_interval.total_seconds(),
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _port(value: Any, field_path: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        raise PKIError(field_path, f"{value!r} is not a port number (1-65535)")
+    return value
+
+
+def _pattern(value: Any, field_path: str) -> str:
+    if not isinstance(value, str):
+        raise PKIError(field_path, "must be a SPIFFE ID string")
+    if value == "*":
+        return value
+    parse_spiffe_id(value[:-2] if value.endswith("/*") else value, field_path)
+    return value
+
+
+def parse_sidecar_config(data: dict[str, Any]) -> SidecarConfig:
+    """Validate a config mapping; errors name the field path (e.g. `inbound[0].appPort`)."""
+    if not isinstance(data, dict):
+        raise PKIError("config", "must be a mapping")
+    spiffe_id = data.get("spiffeId")
+    if not isinstance(spiffe_id, str):
+        raise PKIError("spiffeId", "is required")
+    parse_spiffe_id(spiffe_id, "spiffeId")
+    inbound = []
+    for i, r in enumerate(data.get("inbound") or []):
+        allow = r.get("allow") or []
+        if not isinstance(allow, list):
+            raise PKIError(f"inbound[{i}].allow", "must be a list of SPIFFE IDs or prefix/* patterns")
+        inbound.append(InboundRoute(
+            port=_port(r.get("port"), f"inbound[{i}].port"),
+            app_port=_port(r.get("appPort"), f"inbound[{i}].appPort"),
+            allow=tuple(_pattern(a, f"inbound[{i}].allow[{j}]") for j, a in enumerate(allow)),
+        ))
+    outbound = []
+    for i, r in enumerate(data.get("outbound") or []):
+        address = r.get("address")
+        host, _, port = str(address or "").rpartition(":")
+        if not host or not port.isdigit():
+            raise PKIError(f"outbound[{i}].address", f"{address!r} must be host:port")
+        _port(int(port), f"outbound[{i}].address")
+        outbound.append(OutboundRoute(
+            listen_port=_port(r.get("listenPort"), f"outbound[{i}].listenPort"),
+            address=str(address),
+            peer=_pattern(r.get("peer"), f"outbound[{i}].peer"),
+        ))
+    admin = data.get("admin") or {}
+    interval = float(data.get("reloadIntervalSeconds", DEFAULT_RELOAD_INTERVAL.total_seconds()))
+    if not 0.05 <= interval <= 60:
+        raise PKIError("reloadIntervalSeconds", f"{interval} is outside 0.05-60")
+    ports = [r.port for r in inbound] + [r.listen_port for r in outbound]
+    admin_port = _port(admin.get("port", DEFAULT_ADMIN_PORT), "admin.port")
+    if len(set(ports + [admin_port])) != len(ports) + 1:
+        raise PKIError("inbound/outbound", "listening ports must be distinct (including admin.port)")
+    return SidecarConfig(
+        spiffe_id=spiffe_id,
+        identity_dir=str(data.get("identityDir", IDENTITY_DIR)),
+        bundle_dir=str(data.get("bundleDir", BUNDLE_DIR)),
+        inbound=tuple(inbound),
+        outbound=tuple(outbound),
+        admin_port=admin_port,
+        admin_address=str(admin.get("address", "127.0.0.1")),
+        reload_interval=dt.timedelta(seconds=interval),
+    )
+
+
+def load_sidecar_config(text: str) -> SidecarConfig:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise PKIError("config", f"is not valid YAML ({exc})") from None
+    return parse_sidecar_config(data)
