@@ -1,0 +1,1 @@
+"""Typed views of meshtls's custom resources, their defaults and their validation. Pure."""

@@ -6,6 +6,7 @@ import sys
 
 from meshtls import __version__
 from meshtls.cli.errors import CommandFailed, Parser, UsageError
+from meshtls.cli.operator_command import add_operator_command
 from meshtls.cli.pki_commands import add_pki_commands
 from meshtls.pki import PKIError
 
@@ -15,6 +16,7 @@ def build_parser() -> Parser:
     parser.add_argument("--version", action="version", version=f"meshtls {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     add_pki_commands(sub)
+    add_operator_command(sub)
     return parser
 
 

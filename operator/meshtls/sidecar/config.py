@@ -118,7 +118,7 @@ def parse_sidecar_config(data: dict[str, Any]) -> SidecarConfig:
         raise PKIError("reloadIntervalSeconds", f"{interval} is outside 0.05-60")
     ports = [r.port for r in inbound] + [r.listen_port for r in outbound]
     admin_port = _port(admin.get("port", DEFAULT_ADMIN_PORT), "admin.port")
-    if len(set(ports + [admin_port])) != len(ports) + 1:
+    if len({*ports, admin_port}) != len(ports) + 1:
         raise PKIError("inbound/outbound", "listening ports must be distinct (including admin.port)")
     return SidecarConfig(
         spiffe_id=spiffe_id,

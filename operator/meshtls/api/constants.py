@@ -1,0 +1,37 @@
+"""Names shared by the CRDs, the operator, the webhook and the CLI."""
+
+GROUP = "meshtls.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+TRUST_DOMAINS = "trustdomains"
+WORKLOAD_IDENTITIES = "workloadidentities"
+KIND_TRUST_DOMAIN = "TrustDomain"
+KIND_WORKLOAD_IDENTITY = "WorkloadIdentity"
+
+# Labels and annotations meshtls puts on what it owns; a Secret without them is never touched.
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "meshtls"
+LABEL_IDENTITY = f"{GROUP}/identity"  # the WorkloadIdentity's name, on its Secret
+LABEL_TRUST_DOMAIN = f"{GROUP}/trust-domain"
+LABEL_BUNDLE = f"{GROUP}/bundle"
+ANNOTATION_SPIFFE_ID = f"{GROUP}/spiffe-id"
+ANNOTATION_SERIAL = f"{GROUP}/serial"
+ANNOTATION_NOT_AFTER = f"{GROUP}/not-after"
+ANNOTATION_OWNER_UID = f"{GROUP}/owner-uid"
+ANNOTATION_REVOKE = f"{GROUP}/revoke"  # set by a user (or `meshtls revoke`): revoke now, reason as value
+ANNOTATION_RENEW = f"{GROUP}/renew"  # set by `meshtls renew`: re-issue now; the value is a request id
+
+# Injection opt-in (namespace label or pod label) and the pod annotations the webhook writes.
+LABEL_INJECT_NAMESPACE = f"{GROUP}/inject"  # = enabled
+LABEL_INJECT_POD = f"{GROUP}/inject"  # = true
+ANNOTATION_INJECTED = f"{GROUP}/injected-identity"
+
+FINALIZER = f"{GROUP}/revoke-on-delete"
+DEFAULT_BUNDLE_CONFIGMAP = "meshtls-bundle"
+
+# Event reasons (also condition reasons) users see.
+REASON_ISSUED = "Issued"
+REASON_ROTATED = "Rotated"
+REASON_REVOKED = "Revoked"
+REASON_SECRET_CONFLICT = "SecretConflict"
+REASON_REPAIRED = "Repaired"

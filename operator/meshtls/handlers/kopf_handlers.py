@@ -1,0 +1,135 @@
+"""What reacts to what: kopf decorators only. The work lives in `reconcile` and `trust`."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+from typing import Any
+
+import kopf
+
+from meshtls.api.constants import (
+    ANNOTATION_SERIAL,
+    FINALIZER,
+    GROUP,
+    LABEL_IDENTITY,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    TRUST_DOMAINS,
+    VERSION,
+    WORKLOAD_IDENTITIES,
+)
+from meshtls.handlers import metrics
+from meshtls.handlers.reconcile import Operator, reconcile, revoke_on_delete
+from meshtls.handlers.settings import OPTIONS
+from meshtls.handlers.trust import TrustDomainError, TrustDomains
+from meshtls.kube import connect
+from meshtls.lifecycle.certificate import read_secret_certificate
+from meshtls.lifecycle.clock import SystemClock
+
+log = logging.getLogger("meshtls.operator")
+
+
+@kopf.on.startup()
+async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.posting.level = logging.WARNING  # our own Events say what happened; kopf's would double them
+    settings.watching.server_timeout = 120
+    settings.watching.client_timeout = 150
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 30
+    settings.execution.max_workers = 16
+    if OPTIONS.peering:
+        settings.peering.name = OPTIONS.peering
+        settings.peering.priority = OPTIONS.priority
+        settings.peering.standalone = False
+        settings.peering.mandatory = True
+    else:
+        settings.peering.standalone = True
+    kube = connect(OPTIONS.kubeconfig)
+    clock = SystemClock()
+    op = Operator(kube=kube, clock=clock, trust=TrustDomains(kube, clock, OPTIONS.operator_namespace))
+    memo.op = op
+    memo.scheduler_task = asyncio.create_task(op.scheduler.run())
+    if OPTIONS.metrics_port:
+        metrics.serve(OPTIONS.metrics_port)
+    log.info("meshtls operator started (operator namespace %s, %s)", OPTIONS.operator_namespace,
+             ", ".join(OPTIONS.namespaces) if OPTIONS.namespaces else "all namespaces")
+
+
+@kopf.on.cleanup()
+async def stop(memo: kopf.Memo, **_: Any) -> None:
+    task = memo.get("scheduler_task")
+    if task is not None:
+        task.cancel()
+
+
+# --- TrustDomains ------------------------------------------------------------------------------------------------
+
+
+@kopf.on.resume(GROUP, VERSION, TRUST_DOMAINS)
+@kopf.on.create(GROUP, VERSION, TRUST_DOMAINS)
+@kopf.on.update(GROUP, VERSION, TRUST_DOMAINS)
+async def trust_domain_changed(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) -> None:
+    op: Operator = memo.op
+    status = dict(body.get("status") or {})
+    try:
+        runtime = await op.trust.ensure(dict(body))
+    except TrustDomainError as exc:
+        await op.kube.run(op.kube.patch_trust_domain_status, name, op.trust.failed_status(status, exc.reason,
+                                                                                          exc.message))
+        await op.post_event(dict(body), "Warning", exc.reason, exc.message)
+        return
+    await op.trust.publish(runtime)
+    await op.kube.run(op.kube.patch_trust_domain_status, name, op.trust.status_of(runtime))
+
+
+@kopf.on.delete(GROUP, VERSION, TRUST_DOMAINS, optional=True)
+async def trust_domain_deleted(name: str, memo: kopf.Memo, **_: Any) -> None:
+    memo.op.trust.forget(name)
+
+
+# --- WorkloadIdentities ------------------------------------------------------------------------------------------
+
+
+@kopf.on.resume(GROUP, VERSION, WORKLOAD_IDENTITIES)
+@kopf.on.create(GROUP, VERSION, WORKLOAD_IDENTITIES)
+@kopf.on.update(GROUP, VERSION, WORKLOAD_IDENTITIES)
+async def identity_changed(body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    assert namespace is not None
+    await reconcile(memo.op, namespace, name, dict(body))
+
+
+@kopf.on.delete(GROUP, VERSION, WORKLOAD_IDENTITIES)
+async def identity_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await revoke_on_delete(memo.op, dict(body))
+
+
+# --- Secrets meshtls manages: repair when deleted or tampered with ----------------------------------------------
+
+
+@kopf.on.event("", "v1", "secrets", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_IDENTITY: kopf.PRESENT})
+async def managed_secret_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    op: Operator | None = memo.get("op")
+    if op is None:
+        return
+    obj: dict[str, Any] = dict(event["object"])
+    meta = obj.get("metadata", {})
+    key = (str(meta.get("namespace")), str(meta.get("labels", {}).get(LABEL_IDENTITY)))
+    if event["type"] == "DELETED":
+        op.scheduler.schedule(key, op.clock.now())
+        return
+    if event["type"] != "MODIFIED":
+        return
+    data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+    parsed = read_secret_certificate(data)
+    serial = meta.get("annotations", {}).get(ANNOTATION_SERIAL)
+    if parsed.problem or parsed.serial != serial:  # our own writes are always consistent: this was someone else
+        op.scheduler.schedule(key, op.clock.now())
+
+
+@kopf.on.probe(id="scheduled")
+def scheduled_identities(memo: kopf.Memo, **_: Any) -> int:
+    op: Operator | None = memo.get("op")
+    return len(op.scheduler) if op else 0

@@ -1,0 +1,269 @@
+"""Reconciling one WorkloadIdentity: read, ask `lifecycle`, write through `kube`. No kopf here.
+
+Called from kopf handlers (create, update, resume), from the renewal scheduler and when a managed Secret changes;
+a per-identity lock makes those never race each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshtls.api.constants import (
+    ANNOTATION_RENEW,
+    ANNOTATION_REVOKE,
+    API_VERSION,
+    KIND_WORKLOAD_IDENTITY,
+)
+from meshtls.api.durations import format_duration
+from meshtls.api.model import SpecError, parse_workload_identity, resolve_identity
+from meshtls.handlers import metrics
+from meshtls.handlers.scheduler import Key, RenewalScheduler
+from meshtls.handlers.trust import TrustDomainError, TrustDomainRuntime, TrustDomains
+from meshtls.kube import Conflict, Kube
+from meshtls.lifecycle.clock import Clock
+from meshtls.lifecycle.issuance import (
+    condition,
+    failed_status,
+    iso,
+    issue_for,
+    issued_status,
+    merge_conditions,
+    secret_body,
+)
+from meshtls.lifecycle.triggers import CONFLICT, ISSUE, IdentityState, decide, event_reason, secret_renewal_time
+from meshtls.pki import RevocationReason, RevokedCertificate, load_certificates
+
+log = logging.getLogger("meshtls.identity")
+RETRY_INVALID = dt.timedelta(seconds=60)
+RETRY_CONFLICT = dt.timedelta(seconds=30)
+RETRY_ERROR = dt.timedelta(seconds=5)
+
+
+@dataclass
+class Operator:
+    """Everything the handlers share, made once at start-up."""
+
+    kube: Kube
+    clock: Clock
+    trust: TrustDomains
+    scheduler: RenewalScheduler = field(init=False)
+    locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
+    written: dict[Key, str] = field(default_factory=dict)  # Secret resourceVersion we wrote last, per identity
+
+    def __post_init__(self) -> None:
+        self.scheduler = RenewalScheduler(self.clock, self.reconcile_key)
+
+    async def reconcile_key(self, key: Key) -> None:
+        await reconcile(self, *key)
+
+    async def post_event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
+        meta = body.get("metadata", {})
+        involved = {"apiVersion": body.get("apiVersion", API_VERSION), "kind": body.get("kind", KIND_WORKLOAD_IDENTITY),
+                    "name": meta.get("name"), "namespace": meta.get("namespace"), "uid": meta.get("uid")}
+        try:
+            await self.kube.run(self.kube.post_event, involved, type_, reason, message)
+        except Exception as exc:  # an Event is information; losing one must not fail the work it describes
+            log.warning("could not post Event %s for %s/%s: %s", reason, meta.get("namespace"), meta.get("name"), exc)
+
+
+def _identity_ref(body: dict[str, Any]) -> dict[str, Any]:
+    meta = body["metadata"]
+    return {"apiVersion": body.get("apiVersion", API_VERSION), "kind": body.get("kind", KIND_WORKLOAD_IDENTITY),
+            "name": meta["name"], "uid": meta["uid"]}
+
+
+async def reconcile(op: Operator, namespace: str, name: str, body: dict[str, Any] | None = None) -> None:
+    key = (namespace, name)
+    lock = op.locks.setdefault(key, asyncio.Lock())
+    async with lock:
+        if body is None:
+            body = await op.kube.run(op.kube.get_workload_identity, namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            op.scheduler.forget(key)
+            return
+        await _reconcile_locked(op, key, body)
+
+
+async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any]) -> None:
+    namespace, name = key
+    status: dict[str, Any] = dict(body.get("status") or {})
+    annotations: dict[str, str] = dict(body["metadata"].get("annotations") or {})
+    try:
+        spec = parse_workload_identity(body)
+        runtime = await op.trust.get(spec.trust_domain)
+        identity = resolve_identity(spec, runtime.spec)
+    except (SpecError, TrustDomainError) as exc:
+        reason = exc.reason
+        message = str(exc) if isinstance(exc, SpecError) else exc.message
+        await _fail(op, body, status, reason, message)
+        op.scheduler.schedule(key, op.clock.now() + RETRY_INVALID)
+        return
+
+    await op.trust.add_namespace(runtime, namespace)
+    secret = await op.kube.run(op.kube.read_secret, namespace, spec.secret_name)
+    now = op.clock.now()
+    state = IdentityState(
+        identity=identity, uid=body["metadata"]["uid"], annotations=annotations,
+        handled_renew_request=status.get("lastRenewRequest"), secret=secret,
+        ca_key_id=runtime.ca_key_id, ca_not_after=runtime.ca.not_after, now=now,
+    )
+    decision = decide(state)
+    if decision.action == CONFLICT:
+        await _fail(op, body, status, decision.reason, decision.message)
+        op.scheduler.schedule(key, now + RETRY_CONFLICT)
+        return
+    if decision.action != ISSUE:
+        if status.get("serialNumber") != state.certificate().serial or not _is_ready(status):
+            # status lags the Secret (operator restarted mid-write, or recovered from an error): catch it up
+            await op.kube.run(op.kube.patch_workload_identity_status, namespace, name, _status_from_secret(
+                status, state, decision.message, now))
+        assert decision.recheck_at is not None
+        _record_metrics(namespace, name, str(identity.spiffe_id), state, decision.recheck_at)
+        op.scheduler.schedule(key, decision.recheck_at)
+        return
+
+    previous_serial = status.get("serialNumber")
+    had_certificate = bool(previous_serial) or (secret.exists and state.certificate().certificate is not None)
+    if decision.revoke_current:
+        await _revoke_current(op, runtime, state, annotations.get(ANNOTATION_REVOKE) or "")
+    started = time.perf_counter()
+    issuance = issue_for(identity, runtime.ca, now)
+    try:
+        await op.kube.run(op.kube.write_secret, secret_body(identity, issuance, _identity_ref(body)), secret)
+    except Conflict:
+        # somebody else wrote the Secret since we read it: decide again with what is there now
+        op.scheduler.schedule(key, op.clock.now() + dt.timedelta(seconds=1))
+        return
+    metrics.issuance_seconds.observe(time.perf_counter() - started)
+    reason = event_reason(decision, had_certificate)
+    new_status = issued_status(identity, issuance, status, rotated=had_certificate,
+                               ca_fingerprint=runtime.ca.fingerprint, renew_request=annotations.get(ANNOTATION_RENEW),
+                               now=now)
+    await op.kube.run(op.kube.patch_workload_identity_status, namespace, name, new_status)
+    if decision.revoke_current:
+        await op.kube.run(op.kube.patch_workload_identity_annotations, namespace, name, {ANNOTATION_REVOKE: None})
+    old = state.certificate().serial if secret.exists else None
+    cert = issuance.certificate
+    if reason == "Issued":
+        metrics.issued.inc()
+        message = f"issued {identity.spiffe_id} serial {cert.serial_hex}, expires {cert.not_after:%H:%M:%SZ}"
+    else:
+        metrics.rotated.labels(decision.reason).inc()
+        message = (f"serial {old or previous_serial} -> {cert.serial_hex}, expires {cert.not_after:%Y-%m-%dT%H:%M:%SZ}"
+                   f" (in {format_duration(cert.not_after - now)}): {decision.message}")
+    await op.post_event(body, "Normal", reason, message)
+    log.info("%s/%s %s: %s", namespace, name, reason, message)
+    metrics.expiration.labels(namespace, name, str(identity.spiffe_id)).set(cert.not_after.timestamp())
+    metrics.renewal.labels(namespace, name, str(identity.spiffe_id)).set(issuance.renewal_time.timestamp())
+    metrics.ready.labels(namespace, name, str(identity.spiffe_id)).set(1)
+    op.scheduler.schedule(key, issuance.renewal_time)
+
+
+def _is_ready(status: dict[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def _record_metrics(namespace: str, name: str, spiffe_id: str, state: IdentityState, due: dt.datetime) -> None:
+    cert = state.certificate().certificate
+    if cert is not None:
+        metrics.expiration.labels(namespace, name, spiffe_id).set(cert.not_valid_after_utc.timestamp())
+    metrics.renewal.labels(namespace, name, spiffe_id).set(due.timestamp())
+    metrics.ready.labels(namespace, name, spiffe_id).set(1)
+
+
+def _status_from_secret(status: dict[str, Any], state: IdentityState, message: str,
+                        now: dt.datetime) -> dict[str, Any]:
+    cert = state.certificate().certificate
+    assert cert is not None
+    serial = format(cert.serial_number, "x")
+    active = list(status.get("activeSerials") or [])
+    if not any(e.get("serial") == serial for e in active):
+        active.append({"serial": serial, "notAfter": iso(cert.not_valid_after_utc)})
+    return {
+        "spiffeID": str(state.identity.spiffe_id),
+        "trustDomain": state.identity.trust_domain,
+        "secretName": state.identity.spec.secret_name,
+        "serialNumber": serial,
+        "notBefore": iso(cert.not_valid_before_utc),
+        "notAfter": iso(cert.not_valid_after_utc),
+        "renewalTime": iso(secret_renewal_time(state)),
+        "activeSerials": active,
+        "conditions": merge_conditions(status.get("conditions"), [
+            condition("Ready", True, "Issued", message, now),
+            condition("Issuing", False, "Issued", "certificate is up to date", now),
+        ]),
+    }
+
+
+async def _fail(op: Operator, body: dict[str, Any], status: dict[str, Any], reason: str, message: str) -> None:
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    metrics.failures.labels(reason).inc()
+    if ready.get("status") == "False" and ready.get("reason") == reason and ready.get("message") == message:
+        return  # already reported: no new Event, no write (a stuck identity must not spin)
+    log.warning("%s/%s not ready: %s: %s", namespace, name, reason, message)
+    await op.kube.run(op.kube.patch_workload_identity_status, namespace, name,
+                      failed_status(status, reason, message, op.clock.now()))
+    await op.post_event(body, "Warning", reason, message)
+
+
+async def _revoke_current(op: Operator, runtime: TrustDomainRuntime, state: IdentityState, reason_text: str) -> None:
+    cert = state.certificate().certificate
+    if cert is None:
+        return
+    try:
+        reason = RevocationReason.parse(reason_text) if reason_text else RevocationReason.UNSPECIFIED
+    except ValueError:
+        reason = RevocationReason.UNSPECIFIED
+    await op.trust.revoke(runtime, [RevokedCertificate(cert.serial_number, op.clock.now(), cert.not_valid_after_utc,
+                                                       reason)])
+
+
+async def revoke_on_delete(op: Operator, body: dict[str, Any]) -> None:
+    """Every still-valid serial of the identity goes on the CRL, published everywhere; then the Secret goes."""
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    key = (namespace, name)
+    op.scheduler.forget(key)
+    lock = op.locks.setdefault(key, asyncio.Lock())
+    async with lock:
+        status = dict(body.get("status") or {})
+        spec_td = (body.get("spec") or {}).get("trustDomain") or status.get("trustDomain")
+        secret_name = (body.get("spec") or {}).get("secretName") or f"{name}-mtls"
+        secret = await op.kube.run(op.kube.read_secret, namespace, secret_name)
+        owned = secret.exists and secret.owned_by(body["metadata"]["uid"])
+        now = op.clock.now()
+        entries: dict[int, RevokedCertificate] = {}
+        for e in status.get("activeSerials") or []:
+            not_after = dt.datetime.fromisoformat(e["notAfter"].replace("Z", "+00:00"))
+            if not_after > now:
+                entries[int(e["serial"], 16)] = RevokedCertificate(int(e["serial"], 16), now, not_after,
+                                                                    RevocationReason.CESSATION_OF_OPERATION)
+        if owned and secret.data.get("tls.crt"):
+            try:
+                cert = load_certificates(secret.data["tls.crt"])[0]
+                entries[cert.serial_number] = RevokedCertificate(cert.serial_number, now, cert.not_valid_after_utc,
+                                                                 RevocationReason.CESSATION_OF_OPERATION)
+            except Exception:
+                pass
+        try:
+            runtime = await op.trust.get(spec_td)
+        except TrustDomainError as exc:
+            log.warning("%s/%s deleted but its trust domain is gone (%s): nothing to revoke against",
+                        namespace, name, exc.message)
+            runtime = None
+        if runtime is not None and entries:
+            await op.trust.revoke(runtime, list(entries.values()))
+        if owned and secret.uid:
+            await op.kube.run(op.kube.delete_secret, namespace, secret_name, secret.uid)
+        serials = ", ".join(sorted(format(s, "x") for s in entries)) or "none"
+        await op.post_event(body, "Normal", "Revoked",
+                            f"revoked serial(s) {serials}; CRL #{runtime.crl_number if runtime else '-'} published; "
+                            f"Secret {secret_name} {'deleted' if owned else 'left (not ours)'}")
+        metrics.forget_identity(namespace, name, str(status.get("spiffeID", "")))
+        op.written.pop(key, None)
+    op.locks.pop(key, None)

@@ -1,0 +1,33 @@
+"""Start the operator: kopf's engine with meshtls's handlers and options."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import kopf
+
+from meshtls.handlers.settings import OPTIONS, OperatorOptions
+
+
+def run_operator(options: OperatorOptions, verbose: bool = False) -> None:
+    OPTIONS.__dict__.update(options.__dict__)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+    logging.getLogger("kubernetes").setLevel(logging.WARNING)
+    logging.getLogger("urllib3").setLevel(logging.WARNING)
+    import meshtls.handlers.kopf_handlers  # noqa: F401  (registers the handlers)
+
+    if options.kubeconfig:
+        import os
+
+        os.environ["KUBECONFIG"] = options.kubeconfig
+    kopf.configure(verbose=verbose)
+    asyncio.run(kopf.operator(
+        clusterwide=not options.namespaces,
+        namespaces=options.namespaces or (),
+        standalone=options.peering is None,
+        priority=options.priority,
+        peering_name=options.peering,
+        liveness_endpoint=f"http://0.0.0.0:{options.health_port}/healthz" if options.health_port else None,
+    ))

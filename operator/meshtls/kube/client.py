@@ -1,0 +1,290 @@
+"""Every Kubernetes API call meshtls makes, in one place: easy to count, to audit for RBAC, and to replace.
+
+Methods are synchronous (the official client is); async callers run them in a thread (`Kube.run`), so a slow
+API call never blocks the operator's event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import functools
+import os
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from meshtls.api.constants import (
+    GROUP,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    TRUST_DOMAINS,
+    VERSION,
+    WORKLOAD_IDENTITIES,
+)
+from meshtls.api.objects import ABSENT, SecretSnapshot
+
+T = TypeVar("T")
+
+
+class NotFound(Exception):
+    pass
+
+
+class Conflict(Exception):
+    """The object changed (or appeared) since it was read: read again and decide again."""
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+
+
+def _translate(exc: ApiException) -> Exception:
+    if exc.status == 404:
+        return NotFound(exc.reason)
+    if exc.status == 409:
+        return Conflict(exc.reason)
+    import json
+
+    try:
+        message = json.loads(exc.body or "{}").get("message", exc.reason)
+    except ValueError:
+        message = exc.reason
+    return ApiError(exc.status or 0, exc.reason or "", message)
+
+
+def api_call(fn: Callable[..., T]) -> Callable[..., T]:
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except ApiException as exc:
+            raise _translate(exc) from None
+
+    return wrapper
+
+
+def connect(kubeconfig: str | None = None, pool_size: int = 32) -> Kube:
+    """In-cluster config when running in a pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
+    configuration = client.Configuration()
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST") and not os.environ.get("KUBECONFIG"):
+        config.load_incluster_config(client_configuration=configuration)
+    else:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    # The default pool (cores x 5) makes threads queue for connections under load.
+    configuration.connection_pool_maxsize = pool_size
+    return Kube(client.ApiClient(configuration), pool_size)
+
+
+def _decode(data: Mapping[str, str] | None) -> dict[str, bytes]:
+    return {k: base64.b64decode(v) for k, v in (data or {}).items()}
+
+
+def _encode(data: Mapping[str, bytes]) -> dict[str, str]:
+    return {k: base64.b64encode(v).decode() for k, v in data.items()}
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient, threads: int = 16) -> None:
+        self.api_client = api_client
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+        self.admission = client.AdmissionregistrationV1Api(api_client)
+        self.coordination = client.CoordinationV1Api(api_client)
+        self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    # --- WorkloadIdentities -------------------------------------------------------------------------------------
+
+    @api_call
+    def get_workload_identity(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, WORKLOAD_IDENTITIES, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    @api_call
+    def list_workload_identities(self, namespace: str | None = None) -> list[dict[str, Any]]:
+        if namespace:
+            result = self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, WORKLOAD_IDENTITIES)
+        else:
+            result = self.custom.list_cluster_custom_object(GROUP, VERSION, WORKLOAD_IDENTITIES)
+        return list(result.get("items", []))
+
+    @api_call
+    def patch_workload_identity_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        self.custom.patch_namespaced_custom_object_status(
+            GROUP, VERSION, namespace, WORKLOAD_IDENTITIES, name, {"status": status}
+        )
+
+    @api_call
+    def patch_workload_identity_annotations(self, namespace: str, name: str,
+                                            annotations: Mapping[str, str | None]) -> None:
+        self.custom.patch_namespaced_custom_object(
+            GROUP, VERSION, namespace, WORKLOAD_IDENTITIES, name, {"metadata": {"annotations": dict(annotations)}}
+        )
+
+    # --- TrustDomains ------------------------------------------------------------------------------------------
+
+    @api_call
+    def get_trust_domain(self, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(self.custom.get_cluster_custom_object(GROUP, VERSION, TRUST_DOMAINS, name))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    @api_call
+    def list_trust_domains(self) -> list[dict[str, Any]]:
+        return list(self.custom.list_cluster_custom_object(GROUP, VERSION, TRUST_DOMAINS).get("items", []))
+
+    @api_call
+    def patch_trust_domain_status(self, name: str, status: dict[str, Any]) -> None:
+        self.custom.patch_cluster_custom_object_status(GROUP, VERSION, TRUST_DOMAINS, name, {"status": status})
+
+    # --- Secrets -----------------------------------------------------------------------------------------------
+
+    @api_call
+    def read_secret(self, namespace: str, name: str) -> SecretSnapshot:
+        try:
+            s = self.core.read_namespaced_secret(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return ABSENT
+            raise
+        meta = s.metadata
+        return SecretSnapshot(
+            exists=True,
+            name=meta.name,
+            data=_decode(s.data),
+            labels=dict(meta.labels or {}),
+            annotations=dict(meta.annotations or {}),
+            owner_uids=tuple(o.uid for o in meta.owner_references or ()),
+            resource_version=meta.resource_version,
+            uid=meta.uid,
+        )
+
+    @api_call
+    def write_secret(self, body: dict[str, Any], current: SecretSnapshot) -> None:
+        """Create, or replace in one write guarded by resourceVersion: a concurrent change raises Conflict."""
+        namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+        if not current.exists:
+            self.core.create_namespaced_secret(namespace, body)
+            return
+        body = {**body, "metadata": {**body["metadata"], "resourceVersion": current.resource_version}}
+        self.core.replace_namespaced_secret(name, namespace, body)
+
+    @api_call
+    def delete_secret(self, namespace: str, name: str, uid: str) -> None:
+        """Delete only that very object (uid precondition): never a same-named Secret created since."""
+        try:
+            self.core.delete_namespaced_secret(
+                name, namespace, body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid))
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    # --- ConfigMaps (trust bundles, sidecar configs) -----------------------------------------------------------
+
+    @api_call
+    def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            cm = self.core.read_namespaced_config_map(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return {"data": dict(cm.data or {}), "labels": dict(cm.metadata.labels or {}),
+                "resourceVersion": cm.metadata.resource_version}
+
+    @api_call
+    def write_configmap(self, namespace: str, name: str, data: Mapping[str, str], labels: Mapping[str, str],
+                        current: dict[str, Any] | None) -> None:
+        body: dict[str, Any] = {"apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)}, "data": dict(data)}
+        if current is None:
+            self.core.create_namespaced_config_map(namespace, body)
+        else:
+            body["metadata"]["resourceVersion"] = current["resourceVersion"]
+            self.core.replace_namespaced_config_map(name, namespace, body)
+
+    # --- Namespaces --------------------------------------------------------------------------------------------
+
+    @api_call
+    def list_namespaces(self, label_selector: str | None = None) -> list[str]:
+        return [str(n.metadata.name) for n in self.core.list_namespace(label_selector=label_selector).items]
+
+    @api_call
+    def namespace_exists(self, name: str) -> bool:
+        try:
+            ns = self.core.read_namespace(name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return ns.status.phase != "Terminating"
+
+    # --- Events ------------------------------------------------------------------------------------------------
+
+    @api_call
+    def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str,
+                   component: str = "meshtls-operator") -> None:
+        """A core/v1 Event, so `kubectl get events --field-selector reason=Rotated` and `describe` show it."""
+        now = dt.datetime.now(dt.UTC)
+        namespace = involved.get("namespace") or "default"
+        name = involved["name"]
+        event = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{name}.", namespace=namespace,
+                                         labels={LABEL_MANAGED_BY: MANAGED_BY}),
+            involved_object=client.V1ObjectReference(
+                api_version=involved.get("apiVersion"), kind=involved.get("kind"), name=name,
+                namespace=involved.get("namespace"), uid=involved.get("uid"),
+            ),
+            type=type_,
+            reason=reason,
+            message=message[:1024],
+            source=client.V1EventSource(component=component),
+            reporting_component=component,
+            reporting_instance=os.environ.get("HOSTNAME", component),
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+        )
+        self.core.create_namespaced_event(namespace, event)
+
+    @api_call
+    def list_events(self, namespace: str | None, field_selector: str | None = None) -> list[Any]:
+        if namespace:
+            return list(self.core.list_namespaced_event(namespace, field_selector=field_selector).items)
+        return list(self.core.list_event_for_all_namespaces(field_selector=field_selector).items)
+
+    # --- Secrets in the operator's namespace (the CA) ----------------------------------------------------------
+
+    @api_call
+    def write_opaque_secret(self, namespace: str, name: str, data: Mapping[str, bytes], labels: Mapping[str, str],
+                            current: SecretSnapshot) -> None:
+        body: dict[str, Any] = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)},
+                "data": _encode(data)}
+        if not current.exists:
+            self.core.create_namespaced_secret(namespace, body)
+        else:
+            body["metadata"]["resourceVersion"] = current.resource_version
+            self.core.replace_namespaced_secret(name, namespace, body)
+
+    @api_call
+    def server_version(self) -> str:
+        return str(client.VersionApi(self.api_client).get_code().git_version)
