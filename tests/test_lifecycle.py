@@ -126,7 +126,8 @@ def test_a_tampered_secret_is_repaired(td_ca: CertificateAuthority) -> None:
     "secret",
     [
         SecretSnapshot(True, "web-mtls", {"password": b"hunter2"}),  # a stranger's Secret
-        SecretSnapshot(True, "web-mtls", {}, {LABEL_MANAGED_BY: MANAGED_BY}, {}, ("someone-else",)),  # another identity's
+        # another identity's
+        SecretSnapshot(True, "web-mtls", {}, {LABEL_MANAGED_BY: MANAGED_BY}, {}, ("someone-else",)),
     ],
 )
 def test_a_secret_that_is_not_ours_is_never_overwritten(td_ca: CertificateAuthority, secret: SecretSnapshot) -> None:
