@@ -1,0 +1,77 @@
+"""Fixtures for the e2e suites: the local control plane (or $KUBECONFIG with MESHTLS_USE_EXISTING_CLUSTER=1).
+
+A test that needs the cluster fails (never skips) when it cannot be built or started.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from e2e.harness import BuildError, Cluster, ComponentError, HarnessError, build_all
+
+_FAILURES = (HarnessError, BuildError, ComponentError)
+_build_error: str | None = None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Builds missing binaries before the first test, outside any per-test timeout, with visible progress."""
+    global _build_error
+    if not any("cluster" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+
+    def log(msg: str) -> None:
+        if reporter is not None:
+            reporter.write_line(msg)
+
+    try:
+        build_all(log)
+    except BuildError as e:
+        _build_error = str(e)
+
+
+@pytest.fixture(scope="session")
+def cluster() -> Iterator[Cluster]:
+    if _build_error is not None:
+        pytest.fail(f"the e2e cluster's binaries could not be built: {_build_error}", pytrace=False)
+    try:
+        c = Cluster.start(cleanup_on_exit=True)
+    except _FAILURES as e:
+        pytest.fail(f"the e2e cluster could not start: {e}", pytrace=False)
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="session")
+def kube_api(cluster: Cluster) -> Iterator[client.ApiClient]:
+    """A `kubernetes.client.ApiClient` for the cluster (admin credentials)."""
+    api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
+    yield api
+    api.close()
+
+
+@pytest.fixture
+def namespace(kube_api: client.ApiClient, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh namespace (with its default ServiceAccount), deleted afterwards without waiting."""
+    slug = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower()).strip("-")[:40].rstrip("-")
+    name = f"e2e-{slug}-{uuid.uuid4().hex[:6]}"
+    core = client.CoreV1Api(kube_api)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name, labels={"e2e": "true"})))
+    deadline = time.monotonic() + 30
+    while not core.list_namespaced_service_account(name, field_selector="metadata.name=default").items:
+        if time.monotonic() > deadline:
+            pytest.fail(f"namespace {name}: no default ServiceAccount after 30 s (kube-controller-manager?)")
+        time.sleep(0.1)
+    yield name
+    try:
+        core.delete_namespace(name, propagation_policy="Background")
+    except ApiException as e:
+        if e.status != 404:  # the test may have deleted it itself
+            raise
