@@ -5,16 +5,20 @@ A test that needs the cluster fails (never skips) when it cannot be built or sta
 
 from __future__ import annotations
 
+import os
 import re
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from e2e.harness import BuildError, Cluster, ComponentError, HarnessError, build_all
+from e2e.kube_helpers import Kube, is_ready, wait_for
+from e2e.operator_process import OperatorProcess
 
 _FAILURES = (HarnessError, BuildError, ComponentError)
 _build_error: str | None = None
@@ -75,3 +79,58 @@ def namespace(kube_api: client.ApiClient, request: pytest.FixtureRequest) -> Ite
     except ApiException as e:
         if e.status != 404:  # the test may have deleted it itself
             raise
+
+
+# --- meshtls on the cluster --------------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+E2E_TRUST_DOMAIN = "e2e.meshtls.test"
+
+
+@pytest.fixture(scope="session")
+def crds(cluster: Cluster) -> None:
+    """The CRDs from crds/, applied as a user would (kubectl apply), and established."""
+    cluster.kubectl("apply", "-f", str(REPO / "crds"))
+    cluster.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/trustdomains.meshtls.dev",
+                    "crd/workloadidentities.meshtls.dev")
+    cluster.kubectl("create", "namespace", "meshtls-system", check=False)
+
+
+@pytest.fixture(scope="session")
+def kube(kube_api: client.ApiClient) -> Kube:
+    return Kube(kube_api)
+
+
+@pytest.fixture(scope="session")
+def operator(cluster: Cluster, crds: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
+    """One operator process for the session; tests may stop and start it (it is restarted if left stopped)."""
+    log_dir = Path(os.environ.get("MESHTLS_E2E_LOGS", tmp_path_factory.mktemp("operator-logs")))
+    proc = OperatorProcess(cluster.kubeconfig, log_dir)
+    proc.start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def running_operator(operator: OperatorProcess) -> OperatorProcess:
+    if not operator.running:
+        operator.start()
+    return operator
+
+
+@pytest.fixture(scope="session")
+def trust_domain(kube: Kube, operator: OperatorProcess) -> str:
+    """A trust domain with short-lived certificates allowed (10 s minimum), so tests watch real rotations."""
+    kube.create_trust_domain(E2E_TRUST_DOMAIN, {"certificates": {"minTTL": "10s", "defaultTTL": "1h"}})
+    wait_for("the e2e TrustDomain to be Ready", lambda: is_ready(kube.trust_domain(E2E_TRUST_DOMAIN)), 30)
+    return E2E_TRUST_DOMAIN
+
+
+@pytest.fixture(scope="session")
+def openssl() -> str:
+    import shutil
+
+    path = shutil.which("openssl")
+    if path is None:
+        pytest.fail("the openssl command line is needed: apt-get install openssl")
+    return path

@@ -12,8 +12,6 @@ from meshtls.handlers.settings import OPTIONS, OperatorOptions
 
 def run_operator(options: OperatorOptions, verbose: bool = False) -> None:
     OPTIONS.__dict__.update(options.__dict__)
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     import meshtls.handlers.kopf_handlers  # noqa: F401  (registers the handlers)

@@ -208,6 +208,7 @@ class TrustDomains:
                 async with runtime.lock:
                     await self._persist_revocations(runtime, [e for entries, _ in batch for e in entries])
                 await self.publish(runtime)
+                await self.kube.run(self.kube.patch_trust_domain_status, runtime.name, self.status_of(runtime))
             except Exception as exc:
                 for _, future in batch:
                     if not future.done():
