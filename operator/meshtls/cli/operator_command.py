@@ -25,6 +25,8 @@ def add_operator_command(sub: argparse._SubParsersAction[Parser]) -> None:
     p.add_argument("--webhook-host", default="127.0.0.1", help="URL mode: the host the API server calls")
     p.add_argument("--webhook-service", default=None, help="Service mode: the webhook Service's name")
     p.add_argument("--webhook-failure-policy", default="Ignore", choices=["Ignore", "Fail"])
+    p.add_argument("--sidecar-image", default=os.environ.get("MESHTLS_SIDECAR_IMAGE", "meshtls:0.1.0"),
+                   help="image of the injected meshtls-proxy container")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=run)
 
@@ -49,5 +51,6 @@ def run(args: argparse.Namespace) -> int:
         webhook_host=args.webhook_host,
         webhook_service=args.webhook_service,
         webhook_failure_policy=args.webhook_failure_policy,
+        sidecar_image=args.sidecar_image,
     ), verbose=args.verbose)
     return 0

@@ -27,6 +27,7 @@ from meshtls.handlers.trust import TrustDomainError, TrustDomains
 from meshtls.kube import connect
 from meshtls.lifecycle.certificate import read_secret_certificate
 from meshtls.lifecycle.clock import SystemClock
+from meshtls.sidecar.target import InjectionOptions
 
 log = logging.getLogger("meshtls.operator")
 
@@ -52,6 +53,12 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     op = Operator(kube=kube, clock=clock, trust=TrustDomains(kube, clock, OPTIONS.operator_namespace))
     memo.op = op
     memo.scheduler_task = asyncio.create_task(op.scheduler.run())
+    if OPTIONS.webhook_port:
+        from meshtls.handlers.webhook import InjectionWebhook  # aiohttp's server only when the webhook is on
+
+        webhook = InjectionWebhook(kube, op.targets, OPTIONS, InjectionOptions(image=OPTIONS.sidecar_image))
+        await webhook.start(clock)
+        memo.webhook = webhook
     if OPTIONS.metrics_port:
         metrics.serve(OPTIONS.metrics_port)
     log.info("meshtls operator started (operator namespace %s, %s)", OPTIONS.operator_namespace,
@@ -63,6 +70,9 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     task = memo.get("scheduler_task")
     if task is not None:
         task.cancel()
+    webhook = memo.get("webhook")
+    if webhook is not None:
+        await webhook.stop()
 
 
 # --- TrustDomains ------------------------------------------------------------------------------------------------

@@ -18,11 +18,15 @@ from meshtls.api.constants import (
     ANNOTATION_REVOKE,
     API_VERSION,
     KIND_WORKLOAD_IDENTITY,
+    LABEL_IDENTITY,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
 )
 from meshtls.api.durations import format_duration
-from meshtls.api.model import SpecError, parse_workload_identity, resolve_identity
+from meshtls.api.model import EffectiveIdentity, SpecError, parse_workload_identity, resolve_identity
 from meshtls.handlers import metrics
 from meshtls.handlers.scheduler import Key, RenewalScheduler
+from meshtls.handlers.targets import TargetIndex
 from meshtls.handlers.trust import TrustDomainError, TrustDomainRuntime, TrustDomains
 from meshtls.kube import Conflict, Kube
 from meshtls.lifecycle.clock import Clock
@@ -37,6 +41,9 @@ from meshtls.lifecycle.issuance import (
 )
 from meshtls.lifecycle.triggers import CONFLICT, ISSUE, IdentityState, decide, event_reason, secret_renewal_time
 from meshtls.pki import RevocationReason, RevokedCertificate, load_certificates
+from meshtls.sidecar.config import CONFIG_FILE
+from meshtls.sidecar.render import injection_target, render_sidecar_config
+from meshtls.sidecar.target import sidecar_configmap_name
 
 log = logging.getLogger("meshtls.identity")
 RETRY_INVALID = dt.timedelta(seconds=60)
@@ -53,7 +60,8 @@ class Operator:
     trust: TrustDomains
     scheduler: RenewalScheduler = field(init=False)
     locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
-    written: dict[Key, str] = field(default_factory=dict)  # Secret resourceVersion we wrote last, per identity
+    targets: TargetIndex = field(default_factory=TargetIndex)  # identities with a sidecar, for the webhook
+    rendered: dict[Key, str] = field(default_factory=dict)  # sidecar config last written, per identity
 
     def __post_init__(self) -> None:
         self.scheduler = RenewalScheduler(self.clock, self.reconcile_key)
@@ -105,6 +113,12 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any]) -> Non
         return
 
     await op.trust.add_namespace(runtime, namespace)
+    try:
+        await _publish_sidecar_config(op, body, identity, runtime.spec.bundle_configmap)
+    except SpecError as exc:
+        await _fail(op, body, status, exc.reason, str(exc))
+        op.scheduler.schedule(key, op.clock.now() + RETRY_CONFLICT)
+        return
     secret = await op.kube.run(op.kube.read_secret, namespace, spec.secret_name)
     now = op.clock.now()
     state = IdentityState(
@@ -162,6 +176,28 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any]) -> Non
     metrics.renewal.labels(namespace, name, str(identity.spiffe_id)).set(issuance.renewal_time.timestamp())
     metrics.ready.labels(namespace, name, str(identity.spiffe_id)).set(1)
     op.scheduler.schedule(key, issuance.renewal_time)
+
+
+async def _publish_sidecar_config(op: Operator, body: dict[str, Any], identity: EffectiveIdentity,
+                                  bundle_config_map: str) -> None:
+    """Identities with inbound or outbound routes get a rendered proxy.yaml and are offered to the injector."""
+    spec = identity.spec
+    key = (spec.namespace, spec.name)
+    if not spec.inbound and not spec.outbound:
+        op.targets.remove(spec.namespace, spec.name)
+        return
+    text = render_sidecar_config(identity).to_yaml()
+    if op.rendered.get(key) != text:
+        name = sidecar_configmap_name(spec.name)
+        current = await op.kube.run(op.kube.read_configmap, spec.namespace, name)
+        if current is not None and current["labels"].get(LABEL_MANAGED_BY) != MANAGED_BY:
+            raise SpecError("spec", f"ConfigMap {name} exists and is not managed by meshtls", reason="ConfigConflict")
+        if current is None or current["data"].get(CONFIG_FILE) != text:
+            labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_IDENTITY: spec.name}
+            await op.kube.run(op.kube.write_configmap, spec.namespace, name, {CONFIG_FILE: text}, labels, current,
+                              _identity_ref(body))
+        op.rendered[key] = text
+    op.targets.put(spec.namespace, injection_target(identity, bundle_config_map))
 
 
 def _is_ready(status: dict[str, Any]) -> bool:
@@ -265,5 +301,6 @@ async def revoke_on_delete(op: Operator, body: dict[str, Any]) -> None:
                             f"revoked serial(s) {serials}; CRL #{runtime.crl_number if runtime else '-'} published; "
                             f"Secret {secret_name} {'deleted' if owned else 'left (not ours)'}")
         metrics.forget_identity(namespace, name, str(status.get("spiffeID", "")))
-        op.written.pop(key, None)
+        op.rendered.pop(key, None)
+        op.targets.remove(namespace, name)
     op.locks.pop(key, None)

@@ -19,6 +19,7 @@ class OperatorOptions:
     webhook_service: str | None = None  # Service mode (in-cluster): name of the Service in operator_namespace
     webhook_failure_policy: str = "Ignore"
     resync_seconds: int = 300
+    sidecar_image: str = "meshtls:0.1.0"
 
 
 OPTIONS = OperatorOptions()

@@ -212,9 +212,11 @@ class Kube:
 
     @api_call
     def write_configmap(self, namespace: str, name: str, data: Mapping[str, str], labels: Mapping[str, str],
-                        current: dict[str, Any] | None) -> None:
+                        current: dict[str, Any] | None, owner: Mapping[str, Any] | None = None) -> None:
         body: dict[str, Any] = {"apiVersion": "v1", "kind": "ConfigMap",
                 "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)}, "data": dict(data)}
+        if owner is not None:
+            body["metadata"]["ownerReferences"] = [{**owner, "controller": True, "blockOwnerDeletion": False}]
         if current is None:
             self.core.create_namespaced_config_map(namespace, body)
         else:
@@ -284,6 +286,37 @@ class Kube:
         else:
             body["metadata"]["resourceVersion"] = current.resource_version
             self.core.replace_namespaced_secret(name, namespace, body)
+
+    # --- the injection webhook's configuration ------------------------------------------------------------------
+
+    @api_call
+    def apply_mutating_webhook_configuration(self, name: str, webhooks: list[dict[str, Any]],
+                                             labels: Mapping[str, str]) -> None:
+        """Create the configuration, or replace its webhooks (keeping what Helm set on the object itself)."""
+        body: dict[str, Any] = {"apiVersion": "admissionregistration.k8s.io/v1",
+                                "kind": "MutatingWebhookConfiguration",
+                                "metadata": {"name": name, "labels": dict(labels)}, "webhooks": webhooks}
+        try:
+            current = self.admission.read_mutating_webhook_configuration(name)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            self.admission.create_mutating_webhook_configuration(body)
+            return
+        body["metadata"]["labels"] = {**(current.metadata.labels or {}), **labels}
+        body["metadata"]["annotations"] = current.metadata.annotations
+        body["metadata"]["resourceVersion"] = current.metadata.resource_version
+        self.admission.replace_mutating_webhook_configuration(name, body)
+
+    @api_call
+    def read_mutating_webhook_configuration(self, name: str) -> dict[str, Any] | None:
+        try:
+            obj = self.admission.read_mutating_webhook_configuration(name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return dict(self.api_client.sanitize_for_serialization(obj))
 
     @api_call
     def server_version(self) -> str:
