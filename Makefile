@@ -48,8 +48,9 @@ cluster-up: venv
 cluster-down: venv
 	$(PY) -m e2e.harness down
 
+# `make demo KUBECONFIG=...` runs on that cluster instead of the embedded one.
 demo: venv cluster-build
-	$(PY) -m e2e.demo
+	$(if $(filter command line,$(origin KUBECONFIG)),MESHTLS_USE_EXISTING_CLUSTER=1 KUBECONFIG=$(KUBECONFIG),) $(PY) -m e2e.demo
 
 bench-pki: venv
 	$(PY) -m meshtls.pki.bench
