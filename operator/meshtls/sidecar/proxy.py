@@ -258,6 +258,7 @@ class _Tls(_Side):
         self.sslobj: ssl.SSLObject | None = None
         self.peername = "-"
         self.got_data = False  # anything at all came in before the handshake ended
+        self.received = 0  # application bytes
         self._session_tries = SESSION_CAPTURE_READS if session_key else 0
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -399,11 +400,16 @@ class _Tls(_Side):
         self._flush()  # e.g. a KeyUpdate answer
         if eof:
             self.read_eof = True
+            if not self.server_side and not self.received:
+                # The usual sign of a server sidecar refusing us after the TLS 1.3 handshake (allow-list).
+                self.proxy.log.info("%s upstream closed before sending anything peer_addr=%s (is this workload "
+                                    "on its allow-list?)", self.direction, self.peername)
             self._eof_to_peer()
             if self.write_eof:
                 self.close()
 
     def _deliver(self, data: memoryview) -> None:
+        self.received += len(data)
         self.proxy.stats.bytes_received[self.direction] += len(data)
         peer = self.peer
         if peer is not None:
