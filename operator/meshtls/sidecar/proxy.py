@@ -55,7 +55,6 @@ WRITE_HIGH_WATER = 256 * 1024  # a peer's write buffer above this pauses reading
 HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
 PEER_CACHE_SIZE = 1024
-SESSION_CAPTURE_READS = 8  # TLS 1.3 tickets arrive just after the handshake; look for them this many times
 EXIT_CONFIG = 2
 EXIT_RUNTIME = 1
 
@@ -135,7 +134,8 @@ class _Side(asyncio.BufferedProtocol):
         self.peer: _Side | None = None
         self.read_eof = False  # our socket said EOF
         self.write_eof = False  # we sent EOF on our socket
-        self.closed = False
+        self.closing = False  # we asked the transport to close or abort
+        self.closed = False  # connection_lost was called
         self._pending: list[bytes] = []
         self._pending_eof = False
 
@@ -167,7 +167,8 @@ class _Side(asyncio.BufferedProtocol):
         self.proxy._sides.discard(self)
         if self.accepted:
             self.proxy.stats.active[self.direction] -= 1
-        peer = self.peer
+        peer, self.peer = self.peer, None  # break the pair's reference cycle now, not at the next full GC
+        self._pending = []
         if peer is not None and not peer.closed:
             if exc is None:
                 peer.close()
@@ -182,12 +183,18 @@ class _Side(asyncio.BufferedProtocol):
         raise NotImplementedError
 
     def close(self) -> None:
+        self.closing = True
         if self.transport is not None and not self.closed:
             self.transport.close()
 
     def abort(self) -> None:
+        self.closing = True
         if self.transport is not None and not self.closed:
             self.transport.abort()
+
+    @property
+    def gone(self) -> bool:
+        return self.closing or self.closed
 
     def attach(self, peer: _Side) -> None:
         self.peer = peer
@@ -259,7 +266,7 @@ class _Tls(_Side):
         self.peername = "-"
         self.got_data = False  # anything at all came in before the handshake ended
         self.received = 0  # application bytes
-        self._session_tries = SESSION_CAPTURE_READS if session_key else 0
+        self._capture = False  # take this connection's session (ticket) for the next connection to resume
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -316,9 +323,15 @@ class _Tls(_Side):
             return
         self.handshake_done = True
         self._flush()
-        self._capture_session()
+        if self.session_key is not None and not self.sslobj.session_reused:
+            # A full handshake: the cached session (if any) is stale. TLS 1.2 carries the ticket in the handshake;
+            # a TLS 1.3 server sends it right after (our server sidecars always before any application data).
+            if self.sslobj.version() == "TLSv1.2":
+                self._capture_session()
+            else:
+                self._capture = True
         self._handshake_finished(None)
-        if not self.closed and not self.read_eof:
+        if not self.gone and not self.read_eof:
             self._read_app()  # application data that came with the peer's Finished, a TLS 1.3 ticket
 
     def _handshake_timeout(self) -> None:
@@ -350,18 +363,20 @@ class _Tls(_Side):
             self.transport.write(self._outgoing.read())
 
     def _capture_session(self) -> None:
-        if not self._session_tries or self.sslobj is None or self.contexts is None:
+        # Once per full handshake at most: CPython 3.11's SSLObject.session getter leaks a copy of the session
+        # (~6 KB) on every call, so it is never polled.
+        self._capture = False
+        if self.sslobj is None or self.contexts is None:
             return
-        self._session_tries -= 1
         session = self.sslobj.session
         if session is not None and session.has_ticket:
             self.contexts.client_sessions[self.session_key or ""] = session
-            self._session_tries = 0
 
     def _read_app(self) -> None:
         sslobj = self.sslobj
         assert sslobj is not None
         incoming = self._incoming
+        had_input = incoming.pending > 0
         view = self.proxy._decview
         room = len(view)
         off = 0
@@ -392,7 +407,7 @@ class _Tls(_Side):
                 break
         if off:
             self._deliver(view[:off])
-        if self._session_tries:
+        if self._capture and had_input:
             self._capture_session()
         if error is not None:
             self._tls_error(error)
@@ -428,7 +443,7 @@ class _Tls(_Side):
             self.peer.abort()
 
     def send(self, data: bytes | memoryview) -> None:
-        if self.write_eof or self.closed or self.sslobj is None:
+        if self.write_eof or self.gone or self.sslobj is None:
             return
         try:
             self.sslobj.write(data)
@@ -496,7 +511,7 @@ class _InboundTls(_Tls):
             proxy.log.info("inbound accepted port=%d peer_addr=%s peer=%s serial=%s resumed=%s", route.port,
                      self.peername, info.spiffe_id, info.serial, "yes" if self.sslobj.session_reused else "no")
         self.transport.pause_reading()
-        proxy.spawn(self._connect_app())
+        proxy.spawn(self._connect_app(), self)
 
     async def _connect_app(self) -> None:
         loop = asyncio.get_running_loop()
@@ -513,7 +528,7 @@ class _InboundTls(_Tls):
             return
         app.attach(self)
         self.attach(app)  # closes the app connection too if the peer already went away
-        if not self.closed and self.transport is not None:
+        if not self.gone and self.transport is not None:
             self.transport.resume_reading()
 
 
@@ -539,7 +554,7 @@ class _OutboundPlain(_Plain):
         super().connection_made(transport)
         assert self.transport is not None
         self.transport.pause_reading()
-        self.proxy.spawn(self._connect_upstream())
+        self.proxy.spawn(self._connect_upstream(), self)
 
     async def _connect_upstream(self) -> None:
         proxy, route = self.proxy, self.route
@@ -561,7 +576,7 @@ class _OutboundPlain(_Plain):
             self.abort()
             return
         failure = await tls.done
-        if failure is None and tls.closed:  # refused right after the handshake (logged by the TLS side)
+        if failure is None and tls.gone:  # refused right after the handshake (logged by the TLS side)
             self.abort()
             return
         if failure is not None:
@@ -583,7 +598,7 @@ class _OutboundPlain(_Plain):
         if proxy.access_log:
             proxy.log.info("outbound connected port=%d upstream=%s peer=%s serial=%s resumed=%s", route.listen_port,
                      route.address, info.spiffe_id, info.serial, "yes" if tls.sslobj.session_reused else "no")
-        if self.closed:
+        if self.gone:
             tls.close_notify()
             return
         tls.attach(self)
@@ -712,10 +727,19 @@ class Proxy:
         return render_metrics(self.stats, self.gauges())
 
     # lifecycle -------------------------------------------------------------------------------------------------
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coro: Coroutine[Any, Any, None], *sides: _Side) -> None:
+        """Run a connection's setup; if it crashes, say so and cut that connection (never the proxy)."""
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                self.log.error("connection setup failed", exc_info=t.exception())
+                for side in sides:
+                    side.abort()
+
+        task.add_done_callback(done)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
