@@ -18,7 +18,7 @@ from kubernetes.client.exceptions import ApiException
 
 from e2e.harness import BuildError, Cluster, ComponentError, HarnessError, build_all
 from e2e.kube_helpers import Kube, is_ready, wait_for
-from e2e.operator_process import OperatorProcess
+from e2e.operator_process import OperatorProcess, free_port
 
 _FAILURES = (HarnessError, BuildError, ComponentError)
 _build_error: str | None = None
@@ -105,7 +105,9 @@ def kube(kube_api: client.ApiClient) -> Kube:
 def operator(cluster: Cluster, crds: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     """One operator process for the session; tests may stop and start it (it is restarted if left stopped)."""
     log_dir = Path(os.environ.get("MESHTLS_E2E_LOGS", tmp_path_factory.mktemp("operator-logs")))
-    proc = OperatorProcess(cluster.kubeconfig, log_dir)
+    # URL-mode webhook on loopback; Fail so that a broken injector shows up as a refused pod, not a silent skip
+    proc = OperatorProcess(cluster.kubeconfig, log_dir, extra_args=[
+        "--webhook-port", str(free_port()), "--webhook-failure-policy", "Fail"])
     proc.start()
     yield proc
     proc.stop()

@@ -21,9 +21,9 @@ from meshtls.api.constants import (
     WORKLOAD_IDENTITIES,
 )
 from meshtls.handlers import metrics
-from meshtls.handlers.reconcile import Operator, reconcile, revoke_on_delete
+from meshtls.handlers.reconcile import Operator, reconcile, reconcile_trust_domain, revoke_on_delete
 from meshtls.handlers.settings import OPTIONS
-from meshtls.handlers.trust import TrustDomainError, TrustDomains
+from meshtls.handlers.trust import TrustDomains
 from meshtls.kube import connect
 from meshtls.lifecycle.certificate import read_secret_certificate
 from meshtls.lifecycle.clock import SystemClock
@@ -81,18 +81,8 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
 @kopf.on.resume(GROUP, VERSION, TRUST_DOMAINS)
 @kopf.on.create(GROUP, VERSION, TRUST_DOMAINS)
 @kopf.on.update(GROUP, VERSION, TRUST_DOMAINS)
-async def trust_domain_changed(body: kopf.Body, name: str, memo: kopf.Memo, **_: Any) -> None:
-    op: Operator = memo.op
-    status = dict(body.get("status") or {})
-    try:
-        runtime = await op.trust.ensure(dict(body))
-    except TrustDomainError as exc:
-        await op.kube.run(op.kube.patch_trust_domain_status, name, op.trust.failed_status(status, exc.reason,
-                                                                                          exc.message))
-        await op.post_event(dict(body), "Warning", exc.reason, exc.message)
-        return
-    await op.trust.publish(runtime)
-    await op.kube.run(op.kube.patch_trust_domain_status, name, op.trust.status_of(runtime))
+async def trust_domain_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    await reconcile_trust_domain(memo.op, dict(body))
 
 
 @kopf.on.delete(GROUP, VERSION, TRUST_DOMAINS, optional=True)

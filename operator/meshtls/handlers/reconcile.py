@@ -29,6 +29,7 @@ from meshtls.handlers.scheduler import Key, RenewalScheduler
 from meshtls.handlers.targets import TargetIndex
 from meshtls.handlers.trust import TrustDomainError, TrustDomainRuntime, TrustDomains
 from meshtls.kube import Conflict, Kube
+from meshtls.lifecycle.ca_rotation import reissue_delay
 from meshtls.lifecycle.clock import Clock
 from meshtls.lifecycle.issuance import (
     condition,
@@ -49,6 +50,8 @@ log = logging.getLogger("meshtls.identity")
 RETRY_INVALID = dt.timedelta(seconds=60)
 RETRY_CONFLICT = dt.timedelta(seconds=30)
 RETRY_ERROR = dt.timedelta(seconds=5)
+TRUST_DOMAIN_KEY = ""  # scheduler keys ("", name) are trust domains: no namespace is empty
+MAX_REISSUE_SPREAD = dt.timedelta(minutes=5)
 
 
 @dataclass
@@ -67,6 +70,11 @@ class Operator:
         self.scheduler = RenewalScheduler(self.clock, self.reconcile_key)
 
     async def reconcile_key(self, key: Key) -> None:
+        if key[0] == TRUST_DOMAIN_KEY:  # a trust domain's CA rotation timer shares the heap
+            result = await self.trust.advance(key[1])
+            if result is not None:
+                await after_trust_domain_change(self, result[0], result[1], None)
+            return
         await reconcile(self, *key)
 
     async def post_event(self, body: dict[str, Any], type_: str, reason: str, message: str) -> None:
@@ -77,6 +85,39 @@ class Operator:
             await self.kube.run(self.kube.post_event, involved, type_, reason, message)
         except Exception as exc:  # an Event is information; losing one must not fail the work it describes
             log.warning("could not post Event %s for %s/%s: %s", reason, meta.get("namespace"), meta.get("name"), exc)
+
+
+async def reconcile_trust_domain(op: Operator, body: dict[str, Any]) -> None:
+    """Load or create the trust domain's CA, move its rotation forward, publish bundles, report."""
+    name = body["metadata"]["name"]
+    status = dict(body.get("status") or {})
+    try:
+        runtime, changes = await op.trust.ensure(body)
+    except TrustDomainError as exc:
+        await op.kube.run(op.kube.patch_trust_domain_status, name, op.trust.failed_status(status, exc.reason,
+                                                                                          exc.message))
+        await op.post_event({**body, "kind": "TrustDomain"}, "Warning", exc.reason, exc.message)
+        op.scheduler.schedule((TRUST_DOMAIN_KEY, name), op.clock.now() + RETRY_INVALID)
+        return
+    await after_trust_domain_change(op, runtime, changes, body)
+
+
+async def after_trust_domain_change(op: Operator, runtime: TrustDomainRuntime, changes: list[tuple[str, str]],
+                                    body: dict[str, Any] | None) -> None:
+    await op.trust.publish(runtime)
+    await op.kube.run(op.kube.patch_trust_domain_status, runtime.name, op.trust.status_of(runtime))
+    ref = body or {"apiVersion": API_VERSION, "kind": "TrustDomain", "metadata": {"name": runtime.name}}
+    for reason, message in changes:
+        await op.post_event({**ref, "kind": "TrustDomain"}, "Normal", reason, message)
+    if any(reason == "CARotated" for reason, _ in changes):
+        # every identity re-issues from the new CA, spread so that thousands do not sign in the same second
+        spread = min(runtime.spec.policy.default_ttl / 4, MAX_REISSUE_SPREAD)
+        now = op.clock.now()
+        for key in list(runtime.identities):
+            op.scheduler.schedule(key, now + reissue_delay(f"{key[0]}/{key[1]}", spread))
+    next_check = op.trust.next_phase_check(runtime)
+    if next_check is not None:
+        op.scheduler.schedule((TRUST_DOMAIN_KEY, runtime.name), next_check)
 
 
 def _identity_ref(body: dict[str, Any]) -> dict[str, Any]:
@@ -105,6 +146,7 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any]) -> Non
         spec = parse_workload_identity(body)
         runtime = await op.trust.get(spec.trust_domain)
         identity = resolve_identity(spec, runtime.spec)
+        runtime.identities.add(key)
     except (SpecError, TrustDomainError) as exc:
         reason = exc.reason
         message = str(exc) if isinstance(exc, SpecError) else exc.message
@@ -292,6 +334,8 @@ async def revoke_on_delete(op: Operator, body: dict[str, Any]) -> None:
             log.warning("%s/%s deleted but its trust domain is gone (%s): nothing to revoke against",
                         namespace, name, exc.message)
             runtime = None
+        if runtime is not None:
+            runtime.identities.discard(key)
         if runtime is not None and entries:
             await op.trust.revoke(runtime, list(entries.values()))
         if owned and secret.uid:

@@ -1,8 +1,9 @@
-"""Trust domains at run time: the signing CA, its revocations and CRL, and the bundles published from them.
+"""Trust domains at run time: the CAs (signing, next, previous), revocations and CRLs, and the bundles from them.
 
-State lives in one Secret per trust domain in the operator's namespace (`meshtls-ca-<trust domain>`): the
-generated CA's key (never anywhere else), the revocation entries and the CRL number. Revocations are batched:
-a burst of deletions costs one CRL signing and one ConfigMap write per namespace, not one per deletion.
+State lives in one Secret per trust domain in the operator's namespace (`meshtls-ca-<trust domain>`): the signing
+CA's key (never anywhere else), the next or previous CA during a rotation, the rotation phase, the revocation
+entries and the CRL number. Revocations are batched: a burst of deletions costs one CRL signing and one ConfigMap
+write per namespace, not one per deletion.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from meshtls.api.model import SpecError, TrustDomainSpec, parse_trust_domain
 from meshtls.api.objects import SecretSnapshot
 from meshtls.handlers import metrics
 from meshtls.kube import Conflict, Kube
+from meshtls.lifecycle.ca_rotation import PREPARING, ROTATING, STABLE, RotationState, next_rotation_step
 from meshtls.lifecycle.clock import Clock
 from meshtls.lifecycle.issuance import condition, iso, merge_conditions
 from meshtls.pki import (
@@ -40,24 +42,26 @@ from meshtls.pki import (
 
 log = logging.getLogger("meshtls.trust")
 BATCH_WINDOW = 0.25  # seconds a revocation waits for others to share its CRL signing
+ANNOTATION_ROTATE_CA = "meshtls.dev/rotate-ca"  # set by `meshtls ca rotate`: start a CA rotation now
 
 
 def state_secret_name(trust_domain: str) -> str:
     return f"meshtls-ca-{trust_domain.replace('_', '-')}"[:253].rstrip(".-")
 
 
-def _ski(ca: CertificateAuthority) -> bytes:
-    return ca.authority_key_identifier.key_identifier or b""
-
-
 @dataclass
 class TrustDomainRuntime:
     spec: TrustDomainSpec
-    ca: CertificateAuthority
+    ca: CertificateAuthority  # signs now
     revocations: list[RevokedCertificate]
     crl_number: int
+    next_ca: CertificateAuthority | None = None  # Preparing: trusted, not yet signing
+    previous_ca: CertificateAuthority | None = None  # Rotating: trusted until its last certificate expires
+    rotation: RotationState = field(default_factory=RotationState)
+    federated_roots: str = ""
     crl: bytes = b""
     namespaces: set[str] = field(default_factory=set)
+    identities: set[tuple[str, str]] = field(default_factory=set)
     published: dict[str, tuple[str, str]] = field(default_factory=dict)  # namespace -> (ca, crl) last written
     pending: list[tuple[list[RevokedCertificate], asyncio.Future[None]]] = field(default_factory=list)
     flusher: asyncio.Task[None] | None = None
@@ -69,10 +73,25 @@ class TrustDomainRuntime:
 
     @property
     def ca_key_id(self) -> bytes:
-        return _ski(self.ca)
+        return self.ca.authority_key_identifier.key_identifier or b""
+
+    @property
+    def trusted(self) -> list[CertificateAuthority]:
+        """Every CA whose certificates sidecars must accept now, the signing one first."""
+        return [c for c in (self.ca, self.next_ca, self.previous_ca) if c is not None]
+
+    def sign_crls(self, now: dt.datetime) -> None:
+        # One CRL per trusted CA: a sidecar checking a leaf needs the CRL of that leaf's issuer.
+        self.crl = b"".join(crl_pem(build_crl(ca, self.revocations, self.crl_number, now, self.spec.crl_validity))
+                            for ca in self.trusted)
 
     def bundle_data(self) -> dict[str, str]:
-        return {"ca.crt": self.ca.roots_pem.decode(), "crl.pem": self.crl.decode()}
+        roots: list[str] = []
+        for ca in self.trusted:
+            pem = ca.roots_pem.decode()
+            if pem not in roots:
+                roots.append(pem)
+        return {"ca.crt": "".join(roots) + self.federated_roots, "crl.pem": self.crl.decode()}
 
 
 class TrustDomainError(Exception):
@@ -80,6 +99,18 @@ class TrustDomainError(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+def _load_pair(state: SecretSnapshot, prefix: str, now: dt.datetime) -> CertificateAuthority | None:
+    cert, key = state.data.get(f"{prefix}.crt"), state.data.get(f"{prefix}.key")
+    if not cert or not key:
+        return None
+    try:
+        return load_ca(cert, key, now, state.data.get(f"{prefix}-chain.crt", b""))
+    except PKIError as exc:
+        if prefix == "previous":  # an expired previous CA simply retires
+            return None
+        raise TrustDomainError("CAInvalid", f"the CA in the state Secret ({prefix}) is unusable: {exc}") from None
 
 
 class TrustDomains:
@@ -119,14 +150,15 @@ class TrustDomains:
                 if maybe is None:
                     raise TrustDomainError("UnknownTrustDomain", f"TrustDomain {name!r} does not exist")
                 body = maybe
-            return await self._load(body)
+            runtime, _ = await self._load(body)
+            return runtime
 
-    async def ensure(self, body: dict[str, Any]) -> TrustDomainRuntime:
-        """Create or reload a trust domain from its resource (on create, update and operator start)."""
+    async def ensure(self, body: dict[str, Any]) -> tuple[TrustDomainRuntime, list[tuple[str, str]]]:
+        """Create or reload a trust domain (on create, update and operator start); returns the phase changes made."""
         async with self._load_lock:
             return await self._load(body)
 
-    async def _load(self, body: dict[str, Any]) -> TrustDomainRuntime:
+    async def _load(self, body: dict[str, Any]) -> tuple[TrustDomainRuntime, list[tuple[str, str]]]:
         try:
             spec = parse_trust_domain(body)
         except SpecError as exc:
@@ -137,32 +169,86 @@ class TrustDomains:
         if state.exists and not state.managed:
             raise TrustDomainError("StateSecretConflict",
                                    f"Secret {self.namespace}/{state_name} exists and is not managed by meshtls")
-        if spec.ca_secret_ref:
-            ca = await self._load_brought_ca(spec, now)
-        elif state.exists and state.data.get("ca.crt") and state.data.get("ca.key"):
-            try:
-                ca = load_ca(state.data["ca.crt"], state.data["ca.key"], now)
-            except PKIError as exc:
-                raise TrustDomainError("CAInvalid", f"the generated CA in {state_name} is unusable: {exc}") from None
-        else:
-            ca = generate_ca(spec.name, now, spec.ca_validity, spec.ca_key_algorithm)
-            log.info("generated a CA for trust domain %s (sha256 %s)", spec.name, ca.fingerprint[:16])
+        brought = await self._load_brought_ca(spec, now) if spec.ca_secret_ref else None
+        signing = _load_pair(state, "ca", now) if state.exists else None
+        changes: list[tuple[str, str]] = []
+        if signing is None:
+            signing = brought or generate_ca(spec.name, now, spec.ca_validity, spec.ca_key_algorithm)
+            changes.append(("CAReady", f"{'loaded the brought' if brought else 'generated a'} CA "
+                                       f"sha256:{signing.fingerprint[:16]}"))
+            log.info("trust domain %s: %s", spec.name, changes[-1][1])
         revocations, number = _read_revocations(state)
         runtime = self._domains.get(spec.name)
-        if runtime is not None and runtime.ca.fingerprint == ca.fingerprint:
-            runtime.spec = spec
-        else:
-            runtime = TrustDomainRuntime(spec, ca, revocations, number)
-            if runtime.name in self._domains:
-                runtime.namespaces = self._domains[runtime.name].namespaces
+        if runtime is None or runtime.ca.fingerprint != signing.fingerprint:
+            previous = runtime
+            runtime = TrustDomainRuntime(spec, signing, revocations, number)
+            if previous is not None:
+                runtime.namespaces, runtime.identities = previous.namespaces, previous.identities
             self._domains[spec.name] = runtime
-        if not state.exists or (not spec.ca_secret_ref and state.data.get("ca.crt") != ca.certificate_pem()):
+        runtime.spec = spec
+        runtime.revocations, runtime.crl_number = revocations, max(number, runtime.crl_number)
+        runtime.next_ca = _load_pair(state, "next", now) if state.exists else None
+        runtime.previous_ca = _load_pair(state, "previous", now) if state.exists else None
+        raw_rotation = state.data.get("rotation.json") if state.exists else None
+        runtime.rotation = RotationState.from_json(json.loads(raw_rotation)) if raw_rotation else RotationState()
+        runtime.federated_roots = await self._federated_roots(spec)
+        request = (body.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_ROTATE_CA)
+        replacement = brought is not None and brought.fingerprint not in {c.fingerprint for c in runtime.trusted}
+        changes += self._advance(runtime, now, request, brought if replacement else None)
+        if changes or not state.exists:
             await self._save_state(runtime, state)
-        runtime.crl = crl_pem(build_crl(runtime.ca, runtime.revocations, runtime.crl_number, now,
-                                        spec.crl_validity))
-        metrics.ca_expiration.labels(spec.name).set(ca.not_after.timestamp())
+        runtime.sign_crls(now)
+        metrics.ca_expiration.labels(spec.name).set(runtime.ca.not_after.timestamp())
         metrics.crl_entries.labels(spec.name).set(len(drop_expired(runtime.revocations, now)))
-        return runtime
+        return runtime, changes
+
+    def _advance(self, runtime: TrustDomainRuntime, now: dt.datetime, request: str | None,
+                 replacement: CertificateAuthority | None) -> list[tuple[str, str]]:
+        """Move the CA rotation forward as far as the clock allows; returns (Event reason, message) per step."""
+        spec, changes = runtime.spec, []
+        for _ in range(3):
+            step = next_rotation_step(runtime.rotation, now, runtime.ca.not_after,
+                                      spec.rotate_before(spec.ca_validity), spec.ca_propagation_delay,
+                                      request, replacement is not None)
+            if step.action == "start":
+                runtime.next_ca = replacement or generate_ca(spec.name, now, spec.ca_validity, spec.ca_key_algorithm)
+                runtime.rotation = RotationState(PREPARING, now, None, request or runtime.rotation.last_request)
+                replacement = None
+                changes.append(("CARotationStarted",
+                                f"{step.reason}: new CA sha256:{runtime.next_ca.fingerprint[:16]} added to every "
+                                f"bundle; it signs after {spec.ca_propagation_delay.total_seconds():.0f} s"))
+            elif step.action == "switch":
+                assert runtime.next_ca is not None
+                # the old CA's last leaf lives at most maxTTL from now; keep it trusted until then
+                runtime.previous_ca, runtime.ca, runtime.next_ca = runtime.ca, runtime.next_ca, None
+                retire = now + spec.policy.max_ttl + dt.timedelta(seconds=5)
+                runtime.rotation = RotationState(ROTATING, now, retire, runtime.rotation.last_request)
+                changes.append(("CARotated", f"signing switched to CA sha256:{runtime.ca.fingerprint[:16]}; "
+                                             f"identities re-issue now; old CA trusted until {iso(retire)}"))
+            elif step.action == "retire":
+                old = runtime.previous_ca
+                runtime.previous_ca = None
+                runtime.rotation = RotationState(STABLE, now, None, runtime.rotation.last_request)
+                changes.append(("CARetired", f"old CA sha256:{old.fingerprint[:16] if old else '-'} removed from "
+                                             "every bundle"))
+            else:
+                break
+            log.info("trust domain %s: %s", spec.name, changes[-1][1])
+        return changes
+
+    def next_phase_check(self, runtime: TrustDomainRuntime) -> dt.datetime | None:
+        spec = runtime.spec
+        step = next_rotation_step(runtime.rotation, self.clock.now(), runtime.ca.not_after,
+                                  spec.rotate_before(spec.ca_validity), spec.ca_propagation_delay)
+        return step.next_check
+
+    async def advance(self, name: str) -> tuple[TrustDomainRuntime, list[tuple[str, str]]] | None:
+        """Re-evaluate a trust domain's rotation from its resource (the phase timer calls this)."""
+        body = await self.kube.run(self.kube.get_trust_domain, name)
+        if body is None:
+            self.forget(name)
+            return None
+        return await self.ensure(body)
 
     async def _load_brought_ca(self, spec: TrustDomainSpec, now: dt.datetime) -> CertificateAuthority:
         ref = spec.ca_secret_ref
@@ -179,11 +265,38 @@ class TrustDomains:
         except PKIError as exc:
             raise TrustDomainError("CAInvalid", f"spec.ca.secretRef {ref}: {exc}") from None
 
+    async def _federated_roots(self, spec: TrustDomainSpec) -> str:
+        """Roots of the trust domains this one federates with, read from the ConfigMaps or Secrets named."""
+        out: list[str] = []
+        for i, fed in enumerate(spec.federates_with):
+            ref = fed.get("configMapRef") or fed.get("secretRef")
+            if not isinstance(ref, dict):
+                continue
+            key = ref.get("key") or "ca.crt"
+            if fed.get("configMapRef"):
+                cm = await self.kube.run(self.kube.read_configmap, ref["namespace"], ref["name"])
+                text = (cm or {}).get("data", {}).get(key)
+            else:
+                secret = await self.kube.run(self.kube.read_secret, ref["namespace"], ref["name"])
+                text = secret.data.get(key, b"").decode() if secret.exists else None
+            if not text or "BEGIN CERTIFICATE" not in text:
+                raise TrustDomainError("FederationBundleMissing",
+                                       f"spec.federatesWith[{i}]: no certificates under {key!r} in "
+                                       f"{ref['namespace']}/{ref['name']}")
+            out.append(text if text.endswith("\n") else text + "\n")
+        return "".join(out)
+
     async def _save_state(self, runtime: TrustDomainRuntime, current: SecretSnapshot) -> None:
-        data = {"revocations.json": json.dumps(_revocations_json(runtime)).encode()}
-        if not runtime.spec.ca_secret_ref:  # a brought CA's key stays in the user's Secret only
-            data["ca.crt"] = runtime.ca.certificate_pem()
-            data["ca.key"] = runtime.ca.key_pem()
+        data = {"revocations.json": json.dumps(_revocations_json(runtime)).encode(),
+                "rotation.json": json.dumps(runtime.rotation.to_json()).encode()}
+        for prefix, ca in (("ca", runtime.ca), ("next", runtime.next_ca), ("previous", runtime.previous_ca)):
+            if ca is not None:
+                data[f"{prefix}.crt"] = ca.certificate_pem()
+                data[f"{prefix}.key"] = ca.key_pem()
+                if ca.chain:
+                    from meshtls.pki import certificates_pem
+
+                    data[f"{prefix}-chain.crt"] = certificates_pem(list(ca.chain))
         labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_TRUST_DOMAIN: runtime.name}
         await self.kube.run(self.kube.write_opaque_secret, self.namespace, state_secret_name(runtime.name), data,
                             labels, current)
@@ -230,7 +343,7 @@ class TrustDomains:
                 await self._save_state(runtime, state)
             except Conflict:
                 continue
-            runtime.crl = crl_pem(build_crl(runtime.ca, merged, runtime.crl_number, now, runtime.spec.crl_validity))
+            runtime.sign_crls(now)
             metrics.revoked.labels(runtime.name).inc(len(entries))
             metrics.crl_entries.labels(runtime.name).set(len(merged))
             return
@@ -291,11 +404,21 @@ class TrustDomains:
 
     def status_of(self, runtime: TrustDomainRuntime, identities: int | None = None) -> dict[str, Any]:
         now = self.clock.now()
+        rotation: dict[str, Any] = {"phase": runtime.rotation.phase,
+                                    "since": iso(runtime.rotation.since) if runtime.rotation.since else None,
+                                    "signingFingerprint": runtime.ca.fingerprint,
+                                    "nextFingerprint": runtime.next_ca.fingerprint if runtime.next_ca else None,
+                                    "previousFingerprint": runtime.previous_ca.fingerprint
+                                    if runtime.previous_ca else None,
+                                    "retireAfter": iso(runtime.rotation.retire_after)
+                                    if runtime.rotation.retire_after else None,
+                                    "lastRequest": runtime.rotation.last_request}
         status: dict[str, Any] = {
             "caFingerprint": runtime.ca.fingerprint,
             "caNotAfter": iso(runtime.ca.not_after),
             "crlNumber": runtime.crl_number,
             "crlEntries": len(drop_expired(runtime.revocations, now)),
+            "rotation": rotation,
             "conditions": [condition("Ready", True, "CAReady",
                                      f"signing with CA sha256:{runtime.ca.fingerprint[:16]} until "
                                      f"{iso(runtime.ca.not_after)}", now)],

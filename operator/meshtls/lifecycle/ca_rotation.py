@@ -1,0 +1,78 @@
+"""When a trust domain's CA rotates, as pure decisions over its phase and the clock.
+
+Stable -> Preparing: a new CA joins every bundle beside the old one, but does not sign yet.
+Preparing -> Rotating: after the propagation delay (kubelets have refreshed the mounted bundles), signing switches
+    to the new CA and identities re-issue, spread over a window.
+Rotating -> Stable: once the last certificate the old CA signed has expired, the old CA leaves the bundles.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+STABLE, PREPARING, ROTATING = "Stable", "Preparing", "Rotating"
+
+
+@dataclass(frozen=True)
+class RotationState:
+    phase: str = STABLE
+    since: dt.datetime | None = None
+    retire_after: dt.datetime | None = None  # Rotating: when the old CA may leave the bundles
+    last_request: str | None = None  # the manual request (annotation value) already served
+
+    def to_json(self) -> dict[str, str | None]:
+        return {"phase": self.phase, "since": self.since.isoformat() if self.since else None,
+                "retireAfter": self.retire_after.isoformat() if self.retire_after else None,
+                "lastRequest": self.last_request}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, str | None]) -> RotationState:
+        def when(key: str) -> dt.datetime | None:
+            value = doc.get(key)
+            return dt.datetime.fromisoformat(value) if value else None
+
+        return cls(str(doc.get("phase") or STABLE), when("since"), when("retireAfter"), doc.get("lastRequest"))
+
+
+@dataclass(frozen=True)
+class RotationStep:
+    action: str  # "start" | "switch" | "retire" | "wait"
+    reason: str
+    next_check: dt.datetime | None = None
+
+
+def rotation_window_open(ca_not_after: dt.datetime, rotate_before: dt.timedelta, now: dt.datetime) -> bool:
+    return now >= ca_not_after - rotate_before
+
+
+def next_rotation_step(state: RotationState, now: dt.datetime, ca_not_after: dt.datetime,
+                       rotate_before: dt.timedelta, propagation_delay: dt.timedelta,
+                       request: str | None = None, replacement_waiting: bool = False) -> RotationStep:
+    """What to do now; `replacement_waiting` is a brought CA that differs from the one signing."""
+    if state.phase == STABLE:
+        if request and request != state.last_request:
+            return RotationStep("start", "CA rotation requested")
+        if replacement_waiting:
+            return RotationStep("start", "the brought CA was replaced")
+        if rotation_window_open(ca_not_after, rotate_before, now):
+            return RotationStep("start", f"the CA expires at {ca_not_after:%Y-%m-%dT%H:%M:%SZ}, inside its "
+                                         "rotation window")
+        return RotationStep("wait", "CA valid", ca_not_after - rotate_before)
+    assert state.since is not None
+    if state.phase == PREPARING:
+        switch_at = state.since + propagation_delay
+        if now >= switch_at:
+            return RotationStep("switch", "the new CA has been in every bundle for the propagation delay")
+        return RotationStep("wait", "new CA propagating", switch_at)
+    if state.retire_after is not None and now >= state.retire_after:
+        return RotationStep("retire", "every certificate the old CA signed has expired")
+    return RotationStep("wait", "old CA retiring", state.retire_after)
+
+
+def reissue_delay(seed: str, spread: dt.timedelta) -> dt.timedelta:
+    """Where in the spread window one identity re-issues after a CA switch (stable per identity)."""
+    import hashlib
+
+    fraction = int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=8).digest(), "big") / 2**64
+    return spread * fraction
