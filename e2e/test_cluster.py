@@ -50,6 +50,18 @@ def test_deployment_becomes_available_on_kwok_nodes(
         assert pod.status.pod_ip
 
 
+def test_kwok_nodes_are_ready_and_renew_leases(kube_api: client.ApiClient) -> None:
+    """Without Lease renewals the node lifecycle controller flips the nodes NotReady after 50 s."""
+    leases = client.CoordinationV1Api(kube_api)
+    nodes = client.CoreV1Api(kube_api).list_node(label_selector="type=kwok").items
+    assert nodes, "no nodes labelled type=kwok"
+    for node in nodes:
+        ready = next(c for c in node.status.conditions if c.type == "Ready")
+        assert ready.status == "True", node.status.conditions
+        lease = leases.read_namespaced_lease(node.metadata.name, "kube-node-lease")
+        assert lease.spec.renew_time is not None
+
+
 def test_service_account_token(cluster: Cluster, kube_api: client.ApiClient, namespace: str) -> None:
     token = cluster.kubectl("create", "token", "default", "-n", namespace).stdout.strip()
     _header, payload, _sig = token.split(".")

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import shlex
+import signal
 import sys
 import time
+from types import FrameType
 
 from . import build, processes
 from .cluster import Cluster, HarnessError
@@ -88,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("command", choices=COMMANDS)
     args = parser.parse_args(argv)
+
+    def interrupted(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt  # a half-started cluster is then stopped, a half-done build removed
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, interrupted)
     try:
         return COMMANDS[args.command]()
     except (HarnessError, build.BuildError, processes.ComponentError) as e:

@@ -28,6 +28,9 @@ ETCD_VERSION = "v3.5.35"
 KWOK_VERSION = "v0.7.0"
 HELM_VERSION = "v3.16.4"
 
+# go.sum of each tools module: modules fetched with GOSUMDB=off are still checked against known hashes.
+_GOSUM_DIR = Path(__file__).parent / "gosum"
+
 # k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them with ./staging/...; a tools
 # module has to replace each with the published v0.X.Y tag itself.
 _K8S_STAGING = (
@@ -101,6 +104,10 @@ class Component:
         return cache_dir() / "src" / self.tag
 
     @property
+    def go_sum(self) -> Path:
+        return _GOSUM_DIR / f"{self.tag}.sum"
+
+    @property
     def log_file(self) -> Path:
         return cache_dir() / "logs" / f"build-{self.tag}.log"
 
@@ -142,6 +149,7 @@ COMPONENTS: tuple[Component, ...] = (
         version=KWOK_VERSION,
         packages=("sigs.k8s.io/kwok/cmd/kwok",),
         binaries=("kwok",),
+        ldflags=(f"-X sigs.k8s.io/kwok/pkg/consts.Version={KWOK_VERSION}",),
     ),
     Component(
         name="helm",
@@ -208,6 +216,8 @@ def build_component(
         c.src_dir.mkdir(parents=True, exist_ok=True)
         c.log_file.parent.mkdir(parents=True, exist_ok=True)
         (c.src_dir / "go.mod").write_text(c.go_mod())
+        if c.go_sum.is_file():  # checksums kept in the repository: sum.golang.org may be out of reach
+            shutil.copyfile(c.go_sum, c.src_dir / "go.sum")
         tmp = c.bin_dir.with_name(f".{c.tag}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -249,8 +259,9 @@ def build_component(
                     proc.wait()
                     raise
             if proc.returncode != 0:
+                tail = "\n".join("  " + line for line in c.log_file.read_text().splitlines()[-5:])
                 raise BuildError(
-                    f"building {what} failed (go build exit {proc.returncode}); see {c.log_file}"
+                    f"building {what} failed (go build exit {proc.returncode}); see {c.log_file}\n{tail}"
                 )
             missing = [b for b in c.binaries if not (tmp / b).is_file()]
             if missing:

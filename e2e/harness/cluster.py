@@ -33,6 +33,14 @@ from .paths import state_dir
 USE_EXISTING_ENV = "MESHTLS_USE_EXISTING_CLUSTER"
 KWOK_NODES = ("kwok-node-0", "kwok-node-1")
 _STATE_FILE = "state.json"
+_MARKER = ".meshtls-harness"  # only a directory holding this file is ever removed
+
+
+def _remove_state_dir(path: Path) -> None:
+    if (path / _MARKER).exists() or (path / _STATE_FILE).exists():
+        shutil.rmtree(path, ignore_errors=True)
+    elif path.exists() and any(path.iterdir()):
+        raise HarnessError(f"{path} is not a harness state dir (no {_MARKER}): not touching it")
 
 Log = Callable[[str], None]
 
@@ -269,9 +277,9 @@ class Cluster:
         """Raises when a component we started has exited."""
         for p in self.processes:
             if not processes.alive(p.pid):
-                tail = processes.log_tail(Path(p.log), 5)
+                tail = processes.log_tail(Path(p.log), 3)
                 raise processes.ComponentError(
-                    f"{p.name} exited (log: {p.log})" + (f"; its last lines:\n{tail}" if tail else "")
+                    f"{p.name} exited; see its log {p.log}" + (f"\nits last lines:\n{tail}" if tail else "")
                 )
 
     # ---- start -----------------------------------------------------------------------------------
@@ -280,8 +288,9 @@ class Cluster:
     def _launch(cls, log: Log) -> Cluster:
         t0 = time.monotonic()
         sd = state_dir()
-        shutil.rmtree(sd, ignore_errors=True)
-        (sd / "logs").mkdir(parents=True)
+        _remove_state_dir(sd)
+        (sd / "logs").mkdir(parents=True, exist_ok=True)
+        (sd / _MARKER).touch()
         pki_dir = sd / "pki"
         pki = certs.PKI(pki_dir)
         serving = pki.apiserver()
@@ -385,6 +394,9 @@ class Cluster:
                 "--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake",
                 f"--server-address=127.0.0.1:{ports['kwok']}",
                 "--cidr=10.244.0.1/16",
+                # Renew node Leases (kube-controller-manager's heartbeat); without them nodes turn NotReady
+                # after 50 s and back.
+                "--node-lease-duration-seconds=40",
                 "--node-ip=127.0.0.1",
             ],
         }
@@ -429,9 +441,11 @@ class Cluster:
             )
         except BaseException as e:
             cluster._stop_processes()
-            shutil.rmtree(sd, ignore_errors=True)
+            # Keep the logs for the error message; the next `up` removes the rest.
+            (sd / _STATE_FILE).unlink(missing_ok=True)
+            shutil.rmtree(sd / "etcd", ignore_errors=True)
             if isinstance(e, processes.ComponentError | TimeoutError):
-                raise HarnessError(f"starting the cluster failed: {e}\n(logs were in {sd / 'logs'})") from e
+                raise HarnessError(f"starting the cluster failed: {e}") from e
             raise
         log(f"cluster ready in {time.monotonic() - t0:.1f} s: {url} (logs: {sd / 'logs'})")
         return cluster
@@ -442,7 +456,7 @@ class Cluster:
         """Stops the cluster if this object started it (a reused or external cluster is left running)."""
         if self.owned and self._state is not None:
             self._stop_processes()
-            shutil.rmtree(self.state_dir, ignore_errors=True)
+            _remove_state_dir(self.state_dir)
             self._state = None
             self.owned = False
 
@@ -462,6 +476,7 @@ class Cluster:
         with _lock():
             state = cls._read_state()
             if state is None:
+                _remove_state_dir(state_dir())  # what a failed start left for its error message
                 return False
             cluster = cls(Path(state["kubeconfig"]), state=state, owned=True)
             cluster.stop()
@@ -493,18 +508,19 @@ class Cluster:
         if state is not None:
             log("removing the state of a cluster that is no longer healthy")
             cls(Path(state["kubeconfig"]), state=state, owned=True).stop()
-        elif state_dir().exists():
-            shutil.rmtree(state_dir(), ignore_errors=True)
+        else:
+            _remove_state_dir(state_dir())
 
     def register_cleanup(self) -> None:
-        """Stops the cluster at interpreter exit, and turns SIGTERM/SIGHUP into a normal exit so that runs."""
+        """Stops the cluster at interpreter exit; SIGTERM/SIGHUP become KeyboardInterrupt (as Ctrl-C: pytest
+        then ends the run and tears its fixtures down), so the exit handlers run."""
         if self._cleanup_registered:
             return
         self._cleanup_registered = True
         atexit.register(self.stop)
 
         def on_signal(signum: int, frame: FrameType | None) -> None:
-            raise SystemExit(128 + signum)
+            raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
         for sig in (signal.SIGTERM, signal.SIGHUP):
             with contextlib.suppress(ValueError):  # not in the main thread

@@ -131,8 +131,10 @@ def wait_for(
         time.sleep(interval)
 
 
-def log_tail(log_file: Path, lines: int = 15) -> str:
+def log_tail(log_file: Path, lines: int = 15, width: int = 300) -> str:
+    """The last lines of a log (not the harness's `---` header lines), each indented and cut to `width`."""
     try:
-        return "\n".join(log_file.read_text(errors="replace").splitlines()[-lines:])
+        text = log_file.read_text(errors="replace").splitlines()
     except OSError:
         return ""
+    return "\n".join("  " + line[:width] for line in [t for t in text if not t.startswith("--- ")][-lines:])
