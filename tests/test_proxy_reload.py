@@ -389,3 +389,26 @@ def test_tls_versions_and_session_resumption(mesh: Mesh, tmp_path: Path) -> None
         assert roundtrip(mesh.outbound_port, b"r") == b"r"
     assert metric(mesh.client_proxy.metrics(), "meshtls_proxy_resumed_handshakes_total", direction="outbound") >= 1
     assert metric(mesh.server_proxy.metrics(), "meshtls_proxy_resumed_handshakes_total", direction="inbound") >= 1
+
+
+def test_connection_of_a_certificate_revoked_while_open_is_cut(mesh: Mesh) -> None:
+    """Rotation keeps old connections; revocation does not: the open connection of a revoked certificate is cut."""
+    keep = Stream(mesh.outbound_port)
+    _wait(lambda: keep.progress() > 50_000)
+    old = mesh.client.cert
+    mesh.client.rotate()  # superseded, not revoked: the stream keeps flowing
+    mesh.client_log.wait_for("reloaded", f"serial={mesh.client.cert.serial_hex}")
+    before = keep.progress()
+    _wait(lambda: keep.progress() > before + 50_000)
+    fresh = Stream(mesh.outbound_port)  # opened with the new certificate
+    _wait(lambda: fresh.progress() > 50_000)
+
+    mesh.server.revoke(old)
+    line = mesh.server_log.wait_for("inbound connection cut", "reason=revoked")
+    assert f"serial={old.serial_hex}" in line and mesh.client.spiffe_id in line
+    _wait(lambda: keep.error is not None or not keep._reader.is_alive())
+    before = fresh.progress()
+    _wait(lambda: fresh.progress() > before + 50_000)  # the new certificate's connection is untouched
+    fresh.finish()
+    keep._stop.set()
+    assert len(mesh.server_log.matching("inbound connection cut")) == 1

@@ -117,6 +117,8 @@ class PeerInfo:
     error: str | None
     not_after: float
     serial: str
+    serial_number: int
+    issuer: x509.Name
 
 
 # --- the two halves of a spliced connection ------------------------------------------------------------------------
@@ -264,6 +266,7 @@ class _Tls(_Side):
         self._outgoing = ssl.MemoryBIO()
         self.sslobj: ssl.SSLObject | None = None
         self.peername = "-"
+        self.info: PeerInfo | None = None  # the authorized peer, once the connection is spliced
         self.got_data = False  # anything at all came in before the handshake ended
         self.received = 0  # application bytes
         self._capture = False  # take this connection's session (ticket) for the next connection to resume
@@ -507,6 +510,7 @@ class _InboundTls(_Tls):
             self.close_notify()
             return
         assert info is not None and self.transport is not None and self.sslobj is not None
+        self.info = info
         if proxy.access_log:
             proxy.log.info("inbound accepted port=%d peer_addr=%s peer=%s serial=%s resumed=%s", route.port,
                      self.peername, info.spiffe_id, info.serial, "yes" if self.sslobj.session_reused else "no")
@@ -595,6 +599,7 @@ class _OutboundPlain(_Plain):
             self.abort()
             return
         assert info is not None and tls.sslobj is not None
+        tls.info = info
         if proxy.access_log:
             proxy.log.info("outbound connected port=%d upstream=%s peer=%s serial=%s resumed=%s", route.listen_port,
                      route.address, info.spiffe_id, info.serial, "yes" if tls.sslobj.session_reused else "no")
@@ -651,9 +656,32 @@ class Proxy:
         ident, bundle = new.identity, new.bundle
         crl_numbers = ",".join(str(_crl_number(c)) for c in bundle.crls) or "-"
         self.log.info("%s serial=%s spiffe_id=%s not_after=%s roots=%d crls=%d crl_numbers=%s generation=%d",
-                 "loaded" if old is None else "reloaded", ident.serial, ident.spiffe_id,
-                 ident.not_after.isoformat(), len(bundle.roots), len(bundle.crls), crl_numbers, new.generation)
+                      "loaded" if old is None else "reloaded", ident.serial, ident.spiffe_id,
+                      ident.not_after.isoformat(), len(bundle.roots), len(bundle.crls), crl_numbers, new.generation)
+        if old is not None and old.bundle.crl_pem != bundle.crl_pem:
+            self._cut_revoked(bundle.crls)
         return True
+
+    def _cut_revoked(self, crls: tuple[x509.CertificateRevocationList, ...]) -> None:
+        """A certificate revoked now must not keep a connection it opened before: close those connections.
+
+        (Connections of a merely superseded certificate, after a rotation, keep flowing.)
+        """
+        for side in list(self._sides):
+            if not isinstance(side, _Tls) or side.info is None or side.gone:
+                continue
+            info = side.info
+            for crl in crls:
+                if crl.issuer == info.issuer and \
+                        crl.get_revoked_certificate_by_serial_number(info.serial_number) is not None:
+                    self.stats.rejections[(side.direction, "revoked")] += 1
+                    self.log.warning("%s connection cut peer_addr=%s peer=%s serial=%s reason=revoked detail=%s",
+                                     side.direction, side.peername, info.spiffe_id, info.serial,
+                                     _fmt("the certificate was revoked while the connection was open"))
+                    side.abort()
+                    if side.peer is not None:
+                        side.peer.abort()
+                    break
 
     def peer_info(self, der: bytes) -> PeerInfo:
         info = self._peer_cache.get(der)
@@ -664,7 +692,8 @@ class Proxy:
                 error = None
             except PKIError as exc:
                 spiffe_id, error = None, exc.message
-            info = PeerInfo(spiffe_id, error, cert.not_valid_after_utc.timestamp(), format_serial(cert.serial_number))
+            info = PeerInfo(spiffe_id, error, cert.not_valid_after_utc.timestamp(), format_serial(cert.serial_number),
+                            cert.serial_number, cert.issuer)
             if len(self._peer_cache) >= PEER_CACHE_SIZE:
                 self._peer_cache.clear()
             self._peer_cache[der] = info
@@ -831,6 +860,10 @@ async def _serve(proxy: Proxy, drain_seconds: float) -> None:
     await proxy.shutdown(drain_seconds)
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshtls-proxy", description="meshtls mTLS sidecar (L4 proxy)")
     parser.add_argument("--config", required=True, help="the sidecar config (proxy.yaml) rendered by the operator")
@@ -854,10 +887,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_sidecar_config(text)
     except PKIError as exc:
-        print(f"meshtls-proxy: invalid config {args.config}: {exc.field}: {exc.message}", file=sys.stderr)
+        print(f"meshtls-proxy: invalid config {args.config}: {exc.field}: {_one_line(exc.message)}", file=sys.stderr)
         return EXIT_CONFIG
     except (AttributeError, TypeError, ValueError) as exc:  # shapes the schema parser does not name
-        print(f"meshtls-proxy: invalid config {args.config}: {exc}", file=sys.stderr)
+        print(f"meshtls-proxy: invalid config {args.config}: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
     access_log = not args.no_access_log and os.environ.get(ACCESS_LOG_ENV, "1") not in ("0", "false", "no")
     proxy = Proxy(config, bind_address=args.bind, access_log=access_log)
