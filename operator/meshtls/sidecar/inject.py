@@ -1,0 +1,298 @@
+"""The pod patch that dresses a pod with the `meshtls-proxy` sidecar. Pure: a pod dict in, RFC 6902 operations out.
+
+The patch only adds (or, for one annotation a user may have pre-set, replaces): it never removes or renames anything
+of the pod's. It adds three volumes (the identity Secret, the trust bundle ConfigMap, the rendered proxy.yaml), the
+sidecar container, and two annotations naming the identity. A pod that already carries the sidecar (or the injected
+annotation) gets an empty patch, so re-admitting an injected pod changes nothing.
+
+A pod whose fields have the wrong types (containers as a string, labels as a list, ...) raises `PodShapeError`
+naming the field; the API server never sends such a pod, and guessing would patch something it then rejects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from meshtls.api.constants import ANNOTATION_INJECTED, ANNOTATION_SPIFFE_ID
+from meshtls.sidecar.config import BUNDLE_DIR, CONFIG_DIR, CONFIG_FILE, IDENTITY_DIR
+from meshtls.sidecar.target import (
+    SIDECAR_NAME,
+    VOLUME_BUNDLE,
+    VOLUME_CONFIG,
+    VOLUME_IDENTITY,
+    InjectionOptions,
+    InjectionTarget,
+)
+from meshtls.sidecar.tlsfiles import BUNDLE_FILE, CRL_FILE
+
+SIDECAR_UID = 65532  # the conventional "nonroot" user of distroless images
+READY_PATH = "/readyz"
+PORT_NAME_PREFIX = "mtls-"
+# The kubelet writes Secret files owned by root, group fsGroup when the pod sets one (and the sidecar, like every
+# container of the pod, then has fsGroup as a supplementary group). Without fsGroup, owner and group are root, and
+# a non-root sidecar can read the key only if it is world-readable; only the sidecar mounts the volume, so
+# "world" is the sidecar container alone.
+MODE_GROUP_READ = 0o440
+MODE_ALL_READ = 0o444
+ALREADY_INJECTED = "meshtls: pod already injected ({}); left unchanged"
+
+
+class PodShapeError(ValueError):
+    """The pod is not shaped like a Pod: `field_path` has the wrong type."""
+
+    def __init__(self, field_path: str, message: str) -> None:
+        super().__init__(f"{field_path} {message}")
+        self.field_path = field_path
+        self.message = message
+
+
+@dataclass(frozen=True)
+class InjectionResult:
+    patch: list[dict[str, Any]] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    injected: bool = False
+
+
+def escape_pointer_token(token: str) -> str:
+    """One JSON Pointer reference token (RFC 6901): `~` -> `~0`, then `/` -> `~1`."""
+    return token.replace("~", "~0").replace("/", "~1")
+
+
+# --- reading a pod, strictly where we patch ---------------------------------------------------------------------
+
+def _object_or_none(value: Any, path: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise PodShapeError(path, f"must be an object, not {_type_name(value)}")
+    return value
+
+
+def _type_name(value: Any) -> str:
+    return {str: "a string", list: "a list", dict: "an object", bool: "a boolean", int: "a number",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def pod_metadata(pod: Mapping[str, Any]) -> dict[str, Any]:
+    return _object_or_none(pod.get("metadata"), "metadata") or {}
+
+
+def pod_spec(pod: Mapping[str, Any]) -> dict[str, Any]:
+    spec = _object_or_none(pod.get("spec"), "spec")
+    if spec is None:
+        raise PodShapeError("spec", "is missing")
+    return spec
+
+
+def _string_map(value: Any, path: str) -> dict[str, str]:
+    mapping = _object_or_none(value, path) or {}
+    for key, item in mapping.items():
+        if not isinstance(item, str):
+            raise PodShapeError(f"{path}[{key!r}]", f"must be a string, not {_type_name(item)}")
+    return mapping
+
+
+def pod_labels(pod: Mapping[str, Any]) -> dict[str, str]:
+    return dict(_string_map(pod_metadata(pod).get("labels"), "metadata.labels"))
+
+
+def pod_annotations(pod: Mapping[str, Any]) -> dict[str, str]:
+    return dict(_string_map(pod_metadata(pod).get("annotations"), "metadata.annotations"))
+
+
+def pod_service_account(pod: Mapping[str, Any]) -> str:
+    """`spec.serviceAccountName`, else the deprecated `spec.serviceAccount`, else "default" (the API server's rule)."""
+    spec = pod_spec(pod)
+    for key in ("serviceAccountName", "serviceAccount"):
+        value = spec.get(key)
+        if value is not None and not isinstance(value, str):
+            raise PodShapeError(f"spec.{key}", f"must be a string, not {_type_name(value)}")
+        if value:
+            return value
+    return "default"
+
+
+def _named_objects(spec: Mapping[str, Any], key: str) -> list[dict[str, Any]]:
+    """`spec.<key>` as a list of objects with string names ([] when absent or null)."""
+    value = spec.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise PodShapeError(f"spec.{key}", f"must be a list, not {_type_name(value)}")
+    for i, item in enumerate(value):
+        if not isinstance(item, dict):
+            raise PodShapeError(f"spec.{key}[{i}]", f"must be an object, not {_type_name(item)}")
+        if not isinstance(item.get("name"), str):
+            raise PodShapeError(f"spec.{key}[{i}].name", "must be a string")
+    return value
+
+
+def injected_marker(pod: Mapping[str, Any]) -> str | None:
+    """Why this pod counts as injected already (a sidecar container, or our annotation); None if it does not."""
+    spec = pod_spec(pod)
+    for key in ("initContainers", "containers"):
+        if any(c["name"] == SIDECAR_NAME for c in _named_objects(spec, key)):
+            return f"{key} has {SIDECAR_NAME}"
+    if ANNOTATION_INJECTED in pod_annotations(pod):
+        return f"annotation {ANNOTATION_INJECTED} is set"
+    return None
+
+
+# --- what we add ------------------------------------------------------------------------------------------------
+
+def _unique_name(base: str, taken: set[str]) -> str:
+    name, n = base, 0
+    while name in taken:
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def _volumes(target: InjectionTarget, names: Mapping[str, str], identity_mode: int) -> list[dict[str, Any]]:
+    return [
+        {"name": names[VOLUME_IDENTITY],
+         "secret": {"secretName": target.secret_name, "defaultMode": identity_mode}},
+        {"name": names[VOLUME_BUNDLE],
+         "configMap": {"name": target.bundle_config_map, "defaultMode": MODE_ALL_READ,
+                       "items": [{"key": BUNDLE_FILE, "path": BUNDLE_FILE}, {"key": CRL_FILE, "path": CRL_FILE}]}},
+        {"name": names[VOLUME_CONFIG],
+         "configMap": {"name": target.config_map, "defaultMode": MODE_ALL_READ,
+                       "items": [{"key": CONFIG_FILE, "path": CONFIG_FILE}]}},
+    ]
+
+
+def _unique_ports(ports: Iterable[int]) -> list[int]:
+    return list(dict.fromkeys(ports))
+
+
+def sidecar_container(target: InjectionTarget, options: InjectionOptions,
+                      volume_names: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The `meshtls-proxy` container; `restartPolicy: Always` (a native sidecar) when options.native_sidecar."""
+    names = {VOLUME_IDENTITY: VOLUME_IDENTITY, VOLUME_BUNDLE: VOLUME_BUNDLE, VOLUME_CONFIG: VOLUME_CONFIG,
+             **(volume_names or {})}
+    container: dict[str, Any] = {
+        "name": SIDECAR_NAME,
+        "image": options.image,
+        "imagePullPolicy": options.image_pull_policy,
+    }
+    if options.native_sidecar:
+        container["restartPolicy"] = "Always"
+    container["command"] = [SIDECAR_NAME, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"]
+    ports = _unique_ports(target.inbound_ports)
+    if ports:
+        container["ports"] = [{"name": f"{PORT_NAME_PREFIX}{p}"[:15], "containerPort": p, "protocol": "TCP"}
+                              for p in ports]
+    container["volumeMounts"] = [
+        {"name": names[VOLUME_IDENTITY], "mountPath": IDENTITY_DIR, "readOnly": True},
+        {"name": names[VOLUME_BUNDLE], "mountPath": BUNDLE_DIR, "readOnly": True},
+        {"name": names[VOLUME_CONFIG], "mountPath": CONFIG_DIR, "readOnly": True},
+    ]
+    probe = {"httpGet": {"path": READY_PATH, "port": target.admin_port}}
+    # started = certificate loaded: a native sidecar holds the app containers back until then (up to 2 minutes)
+    container["startupProbe"] = {**probe, "periodSeconds": 1, "timeoutSeconds": 2, "failureThreshold": 120}
+    container["readinessProbe"] = {**probe, "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3}
+    requests = {k: v for k, v in (("cpu", options.cpu_request), ("memory", options.memory_request)) if v}
+    limits = {"memory": options.memory_limit} if options.memory_limit else {}
+    resources = {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+    if resources:
+        container["resources"] = resources
+    container["securityContext"] = {
+        "runAsNonRoot": True,
+        "runAsUser": SIDECAR_UID,
+        "runAsGroup": SIDECAR_UID,
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    container["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    return container
+
+
+def _declared_ports(containers: Iterable[Mapping[str, Any]]) -> dict[int, list[str]]:
+    """containerPort -> names of the containers declaring it (lenient: these only feed warnings)."""
+    found: dict[int, list[str]] = {}
+    for c in containers:
+        ports = c.get("ports")
+        for p in ports if isinstance(ports, list) else []:
+            port = p.get("containerPort") if isinstance(p, dict) else None
+            if isinstance(port, int) and not isinstance(port, bool):
+                found.setdefault(port, []).append(str(c.get("name")))
+    return found
+
+
+def _warnings(pod_spec_: Mapping[str, Any], containers: list[dict[str, Any]], init_containers: list[dict[str, Any]],
+              target: InjectionTarget, options: InjectionOptions) -> list[str]:
+    warnings = []
+    ours = [*_unique_ports(target.inbound_ports), target.admin_port]
+    declared = _declared_ports([*init_containers, *containers])
+    for port in ours:
+        if port in declared:
+            warnings.append(f"meshtls: container {', '.join(sorted(set(declared[port])))} declares port {port}, "
+                            f"which the {SIDECAR_NAME} sidecar listens on; one of them will fail to bind")
+    if pod_spec_.get("hostNetwork") is True:
+        warnings.append(f"meshtls: pod uses hostNetwork: the sidecar's ports ({', '.join(map(str, ours))}) "
+                        "are opened on the node itself and shared with everything else there")
+    if not options.native_sidecar and pod_spec_.get("restartPolicy") in ("Never", "OnFailure"):
+        warnings.append(f"meshtls: the {SIDECAR_NAME} sidecar is a regular container (native sidecars are off), "
+                        f"so this restartPolicy {pod_spec_['restartPolicy']} pod will not complete while it runs")
+    return warnings
+
+
+def build_injection_patch(pod: Mapping[str, Any], target: InjectionTarget,
+                          options: InjectionOptions) -> InjectionResult:
+    """The JSON Patch that injects `target`'s sidecar into `pod`; empty (injected=False) if already injected."""
+    if not isinstance(pod, Mapping):
+        raise PodShapeError("object", f"must be a Pod object, not {_type_name(pod)}")
+    metadata = _object_or_none(pod.get("metadata"), "metadata")
+    annotations = _string_map((metadata or {}).get("annotations"), "metadata.annotations")
+    spec = pod_spec(pod)
+    containers = _named_objects(spec, "containers")
+    init_containers = _named_objects(spec, "initContainers")
+    volumes = _named_objects(spec, "volumes")
+    marker = injected_marker(pod)
+    if marker is not None:
+        return InjectionResult([], [ALREADY_INJECTED.format(marker)], injected=False)
+
+    patch: list[dict[str, Any]] = []
+
+    taken = {v["name"] for v in volumes}
+    names: dict[str, str] = {}
+    for base in (VOLUME_IDENTITY, VOLUME_BUNDLE, VOLUME_CONFIG):
+        names[base] = _unique_name(base, taken)
+        taken.add(names[base])
+    security = _object_or_none(spec.get("securityContext"), "spec.securityContext") or {}
+    fs_group = security.get("fsGroup")
+    has_fs_group = isinstance(fs_group, int) and not isinstance(fs_group, bool)
+    new_volumes = _volumes(target, names, MODE_GROUP_READ if has_fs_group else MODE_ALL_READ)
+    if spec.get("volumes") is None:
+        patch.append({"op": "add", "path": "/spec/volumes", "value": new_volumes})
+    else:
+        patch.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in new_volumes)
+
+    container = sidecar_container(target, options, names)
+    if options.native_sidecar:  # first, so it runs before every other init container and the app
+        if spec.get("initContainers") is None:
+            patch.append({"op": "add", "path": "/spec/initContainers", "value": [container]})
+        else:
+            patch.append({"op": "add", "path": "/spec/initContainers/0", "value": container})
+    elif spec.get("containers") is None:
+        patch.append({"op": "add", "path": "/spec/containers", "value": [container]})
+    else:
+        patch.append({"op": "add", "path": "/spec/containers/-", "value": container})
+
+    wanted = {ANNOTATION_INJECTED: target.identity_name, ANNOTATION_SPIFFE_ID: target.spiffe_id}
+    if metadata is None:
+        patch.append({"op": "add", "path": "/metadata", "value": {"annotations": wanted}})
+    elif metadata.get("annotations") is None:
+        patch.append({"op": "add", "path": "/metadata/annotations", "value": wanted})
+    else:
+        for key, value in wanted.items():
+            if annotations.get(key) != value:
+                op = "replace" if key in annotations else "add"
+                patch.append({"op": op, "path": f"/metadata/annotations/{escape_pointer_token(key)}",
+                              "value": value})
+
+    return InjectionResult(patch, _warnings(spec, containers, init_containers, target, options), injected=True)
