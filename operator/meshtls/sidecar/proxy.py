@@ -45,10 +45,11 @@ log = logging.getLogger("meshtls.proxy")
 BIND_ENV = "MESHTLS_PROXY_BIND_ADDRESS"
 ACCESS_LOG_ENV = "MESHTLS_PROXY_ACCESS_LOG"
 LOG_LEVEL_ENV = "MESHTLS_PROXY_LOG_LEVEL"
+TICKETS_ENV = "MESHTLS_PROXY_SESSION_TICKETS"
 DEFAULT_BIND = "0.0.0.0"
 APP_HOST = "127.0.0.1"
 
-READ_CHUNK = 64 * 1024  # one recv_into per readable event
+READ_CHUNK = 64 * 1024  # one recv_into per readable event; shared by all connections
 TLS_RECORD = 16 * 1024 + 256
 DECRYPT_BUFFER = READ_CHUNK + TLS_RECORD
 WRITE_HIGH_WATER = 256 * 1024  # a peer's write buffer above this pauses reading on the other socket
@@ -102,6 +103,10 @@ def classify_tls_error(exc: BaseException) -> tuple[str, str]:
 def _fmt(value: object) -> str:
     text = str(value)
     return f'"{text}"' if (not text or " " in text or '"' in text or "=" in text) else text
+
+
+def _error_text(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def _address(peername: Any) -> str:
@@ -235,7 +240,7 @@ class _Plain(_Side):
         return not self.write_eof
 
     def send(self, data: bytes | memoryview) -> None:
-        if self.transport is not None and not self.write_eof:
+        if self.transport is not None and not self.write_eof and not self.gone:
             self.transport.write(data)
 
     def send_eof(self) -> None:
@@ -270,6 +275,7 @@ class _Tls(_Side):
         self.got_data = False  # anything at all came in before the handshake ended
         self.received = 0  # application bytes
         self._capture = False  # take this connection's session (ticket) for the next connection to resume
+        self._tcp_eof = False  # TCP FIN sent after our close_notify: nothing more may be written
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -362,7 +368,7 @@ class _Tls(_Side):
 
     # data ----------------------------------------------------------------------------------------------------
     def _flush(self) -> None:
-        if self._outgoing.pending and self.transport is not None and not self.closed:
+        if self._outgoing.pending and self.transport is not None and not self.closed and not self._tcp_eof:
             self.transport.write(self._outgoing.read())
 
     def _capture_session(self) -> None:
@@ -439,8 +445,8 @@ class _Tls(_Side):
         reason, detail = classify_tls_error(exc)
         if reason == "peer_refused":
             self.proxy.stats.rejections[(self.direction, reason)] += 1
-        self.proxy.log.warning("%s tls error peer_addr=%s reason=%s detail=%s", self.direction, self.peername, reason,
-                    _fmt(detail))
+        self.proxy.log.warning("%s tls error peer_addr=%s reason=%s detail=%s", self.direction, self.peername,
+                               reason, _fmt(detail))
         self.abort()
         if self.peer is not None:
             self.peer.abort()
@@ -468,6 +474,7 @@ class _Tls(_Side):
             self.transport.close()
         else:
             self.transport.write_eof()
+            self._tcp_eof = True
 
     def close_notify(self) -> None:
         """Close politely after refusing a peer: close_notify, then the socket."""
@@ -513,7 +520,7 @@ class _InboundTls(_Tls):
         self.info = info
         if proxy.access_log:
             proxy.log.info("inbound accepted port=%d peer_addr=%s peer=%s serial=%s resumed=%s", route.port,
-                     self.peername, info.spiffe_id, info.serial, "yes" if self.sslobj.session_reused else "no")
+                           self.peername, info.spiffe_id, info.serial, "yes" if self.sslobj.session_reused else "no")
         self.transport.pause_reading()
         proxy.spawn(self._connect_app(), self)
 
@@ -527,7 +534,7 @@ class _InboundTls(_Tls):
         except (OSError, TimeoutError) as exc:
             self.proxy.stats.upstream_errors["inbound"] += 1
             self.proxy.log.warning("inbound app unreachable port=%d app=%s:%d error=%s", self.route.port, APP_HOST,
-                        self.route.app_port, _fmt(exc or "timeout"))
+                                   self.route.app_port, _fmt(_error_text(exc)))
             self.abort()
             return
         app.attach(self)
@@ -576,7 +583,7 @@ class _OutboundPlain(_Plain):
         except (OSError, TimeoutError) as exc:
             proxy.stats.upstream_errors["outbound"] += 1
             proxy.log.warning("outbound upstream unreachable port=%d upstream=%s error=%s", route.listen_port,
-                        route.address, _fmt(exc or "timeout"))
+                              route.address, _fmt(_error_text(exc)))
             self.abort()
             return
         failure = await tls.done
@@ -602,7 +609,7 @@ class _OutboundPlain(_Plain):
         tls.info = info
         if proxy.access_log:
             proxy.log.info("outbound connected port=%d upstream=%s peer=%s serial=%s resumed=%s", route.listen_port,
-                     route.address, info.spiffe_id, info.serial, "yes" if tls.sslobj.session_reused else "no")
+                           route.address, info.spiffe_id, info.serial, "yes" if tls.sslobj.session_reused else "no")
         if self.gone:
             tls.close_notify()
             return
@@ -619,14 +626,16 @@ class Proxy:
     """Listeners, the current TLS generation, the reload loop and the admin endpoint of one sidecar."""
 
     def __init__(self, config: SidecarConfig, bind_address: str = DEFAULT_BIND, access_log: bool = True,
-                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC), name: str | None = None) -> None:
+                 clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC), name: str | None = None,
+                 session_tickets: int = 1) -> None:
         self.log = logging.getLogger(f"{log.name}.{name}") if name else log
         self.config = config
         self.bind_address = bind_address
         self.access_log = access_log
         self.clock = clock
         self.stats = Stats()
-        self.reloader = Reloader(config.identity_dir, config.bundle_dir, config.spiffe_id, clock, self.log)
+        self.reloader = Reloader(config.identity_dir, config.bundle_dir, config.spiffe_id, clock, self.log,
+                                 session_tickets)
         self.contexts: TLSContexts | None = None
         self._inview = memoryview(bytearray(READ_CHUNK))
         self._decview = memoryview(bytearray(DECRYPT_BUFFER))
@@ -782,7 +791,7 @@ class Proxy:
             if not route.allow:
                 self.log.warning("inbound port %d has an empty allow-list: every peer is refused", route.port)
             self._inbound_servers.append(await loop.create_server(
-                functools.partial(_InboundTls, self, route), self.bind_address, route.port, backlog=1024))
+                functools.partial(_InboundTls, self, route), self.bind_address or None, route.port, backlog=1024))
         for out in cfg.outbound:
             self._outbound_servers.append(await loop.create_server(
                 functools.partial(_OutboundPlain, self, out), APP_HOST, out.listen_port, backlog=1024))
@@ -868,7 +877,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="meshtls-proxy", description="meshtls mTLS sidecar (L4 proxy)")
     parser.add_argument("--config", required=True, help="the sidecar config (proxy.yaml) rendered by the operator")
     parser.add_argument("--bind", default=os.environ.get(BIND_ENV, DEFAULT_BIND),
-                        help=f"address for inbound listeners (env {BIND_ENV}; default {DEFAULT_BIND})")
+                        help=f"address for inbound listeners (env {BIND_ENV}; default {DEFAULT_BIND}; "
+                             "'' for every address of every family)")
+    parser.add_argument("--session-tickets", type=int, choices=range(0, 5), metavar="N",
+                        default=os.environ.get(TICKETS_ENV, "1"),  # a string default goes through type=int
+                        help=f"TLS 1.3 session tickets per inbound handshake (env {TICKETS_ENV}; default 1; "
+                             "0 disables resumption)")
     parser.add_argument("--drain-seconds", type=float, default=5.0,
                         help="on SIGTERM, how long open connections may finish (default 5)")
     parser.add_argument("--log-level", default=os.environ.get(LOG_LEVEL_ENV, "INFO"),
@@ -893,7 +907,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"meshtls-proxy: invalid config {args.config}: {_one_line(str(exc))}", file=sys.stderr)
         return EXIT_CONFIG
     access_log = not args.no_access_log and os.environ.get(ACCESS_LOG_ENV, "1") not in ("0", "false", "no")
-    proxy = Proxy(config, bind_address=args.bind, access_log=access_log)
+    proxy = Proxy(config, bind_address=args.bind, access_log=access_log, session_tickets=args.session_tickets)
     try:
         asyncio.run(_serve(proxy, args.drain_seconds))
     except OSError as exc:

@@ -255,11 +255,12 @@ def _base_context(purpose: ssl._SSLMethod, identity: Identity, bundle: Bundle, c
     return ctx
 
 
-def build_contexts(identity: Identity, bundle: Bundle, generation: int) -> TLSContexts:
+def build_contexts(identity: Identity, bundle: Bundle, generation: int, session_tickets: int = 1) -> TLSContexts:
+    """session_tickets: TLS 1.3 tickets the server side sends per handshake. One is enough (a client sidecar keeps
+    one session per upstream); 0 saves the ticket's cost when clients never resume."""
     crl_check = bool(bundle.crls)
     server = _base_context(ssl.PROTOCOL_TLS_SERVER, identity, bundle, crl_check)
-    # One ticket is enough: the peer sidecar keeps one session per upstream.
-    server.num_tickets = 1
+    server.num_tickets = session_tickets
     client = _base_context(ssl.PROTOCOL_TLS_CLIENT, identity, bundle, crl_check)
     return TLSContexts(identity, bundle, server, client, crl_check, generation)
 
@@ -288,8 +289,10 @@ class Reloader:
         expected_spiffe_id: str | None = None,
         clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
         logger: logging.Logger = log,
+        session_tickets: int = 1,
     ) -> None:
         self.log = logger
+        self.session_tickets = session_tickets
         self.identity_dir = identity_dir
         self.bundle_dir = bundle_dir
         self.expected_spiffe_id = expected_spiffe_id
@@ -362,7 +365,7 @@ class Reloader:
             return None
         identity, bundle = self._identity, self._bundle
         try:
-            contexts = build_contexts(identity, bundle, self.status.loaded + 1)
+            contexts = build_contexts(identity, bundle, self.status.loaded + 1, self.session_tickets)
         except (ssl.SSLError, OSError, ValueError) as exc:
             self._fail("tls", identity.version + bundle.version, f"cannot build TLS contexts: {exc}")
             # Forget the parts so the next tick tries again instead of believing they are loaded.
