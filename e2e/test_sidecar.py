@@ -10,13 +10,11 @@ import datetime as dt
 import http.client
 import http.server
 import socket
-import socketserver
 import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,49 +24,12 @@ from kubernetes import client
 
 from e2e.harness import Cluster
 from e2e.kube_helpers import Kube, is_ready, wait_for
+from e2e.mesh import EchoHandler, EchoServer, grpc_echo_server
 from e2e.operator_process import OperatorProcess, free_port
 from e2e.podrunner import PodSidecar
 from meshtls.pki import generate_ca, issue_svid, workload_spiffe_id
 
 TTL = "20s"
-
-
-class EchoHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        body = f"echo {self.path}".encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
-class EchoServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-
-
-def grpc_echo_server(port: int) -> grpc.Server:
-    def say(request: bytes, context: grpc.ServicerContext) -> bytes:
-        return b"echo " + request
-
-    def chat(requests: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[bytes]:
-        for r in requests:
-            yield b"echo " + r
-
-    handler = grpc.method_handlers_generic_handler("meshtls.Echo", {
-        "Say": grpc.unary_unary_rpc_method_handler(say),
-        "Chat": grpc.stream_stream_rpc_method_handler(chat),
-    })
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    server.add_generic_rpc_handlers((handler,))
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    return server
 
 
 @dataclass

@@ -15,6 +15,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.hazmat.primitives.serialization import Encoding
+
 from meshtls.api.constants import (
     LABEL_BUNDLE,
     LABEL_MANAGED_BY,
@@ -38,10 +40,12 @@ from meshtls.pki import (
     drop_expired,
     generate_ca,
     load_ca,
+    load_crls,
 )
 
 log = logging.getLogger("meshtls.trust")
 BATCH_WINDOW = 0.25  # seconds a revocation waits for others to share its CRL signing
+RESYNC = dt.timedelta(seconds=30)
 ANNOTATION_ROTATE_CA = "meshtls.dev/rotate-ca"  # set by `meshtls ca rotate`: start a CA rotation now
 
 
@@ -58,7 +62,9 @@ class TrustDomainRuntime:
     next_ca: CertificateAuthority | None = None  # Preparing: trusted, not yet signing
     previous_ca: CertificateAuthority | None = None  # Rotating: trusted until its last certificate expires
     rotation: RotationState = field(default_factory=RotationState)
+    warning: str | None = None  # e.g. a brought CA inside its rotation window
     federated_roots: str = ""
+    federated_crls: str = ""
     crl: bytes = b""
     namespaces: set[str] = field(default_factory=set)
     identities: set[tuple[str, str]] = field(default_factory=set)
@@ -86,12 +92,19 @@ class TrustDomainRuntime:
                             for ca in self.trusted)
 
     def bundle_data(self) -> dict[str, str]:
-        roots: list[str] = []
-        for ca in self.trusted:
-            pem = ca.roots_pem.decode()
-            if pem not in roots:
-                roots.append(pem)
-        return {"ca.crt": "".join(roots) + self.federated_roots, "crl.pem": self.crl.decode()}
+        pems = "".join(ca.roots_pem.decode() for ca in self.trusted) + self.federated_roots
+        return {"ca.crt": _unique_pem_blocks(pems), "crl.pem": self.crl.decode() + self.federated_crls}
+
+
+def _unique_pem_blocks(text: str) -> str:
+    """Each certificate once, in order: federated bundles may already carry ours."""
+    end = "-----END CERTIFICATE-----"
+    blocks: list[str] = []
+    for chunk in text.split(end)[:-1]:
+        block = chunk[chunk.index("-----BEGIN"):] + end + "\n"
+        if block not in blocks:
+            blocks.append(block)
+    return "".join(blocks)
 
 
 class TrustDomainError(Exception):
@@ -99,6 +112,11 @@ class TrustDomainError(Exception):
         super().__init__(message)
         self.reason = reason
         self.message = message
+
+
+def _rotate_before(runtime: TrustDomainRuntime) -> dt.timedelta:
+    """The rotation window, relative to the signing CA's own lifetime (a brought CA's may differ from the spec)."""
+    return runtime.spec.rotate_before(runtime.ca.not_after - runtime.ca.not_before)
 
 
 def _load_pair(state: SecretSnapshot, prefix: str, now: dt.datetime) -> CertificateAuthority | None:
@@ -191,7 +209,7 @@ class TrustDomains:
         runtime.previous_ca = _load_pair(state, "previous", now) if state.exists else None
         raw_rotation = state.data.get("rotation.json") if state.exists else None
         runtime.rotation = RotationState.from_json(json.loads(raw_rotation)) if raw_rotation else RotationState()
-        runtime.federated_roots = await self._federated_roots(spec)
+        runtime.federated_roots, runtime.federated_crls = await self._federated_bundles(spec, runtime)
         request = (body.get("metadata", {}).get("annotations") or {}).get(ANNOTATION_ROTATE_CA)
         replacement = brought is not None and brought.fingerprint not in {c.fingerprint for c in runtime.trusted}
         changes += self._advance(runtime, now, request, brought if replacement else None)
@@ -207,9 +225,13 @@ class TrustDomains:
         """Move the CA rotation forward as far as the clock allows; returns (Event reason, message) per step."""
         spec, changes = runtime.spec, []
         for _ in range(3):
-            step = next_rotation_step(runtime.rotation, now, runtime.ca.not_after,
-                                      spec.rotate_before(spec.ca_validity), spec.ca_propagation_delay,
-                                      request, replacement is not None)
+            step = next_rotation_step(runtime.rotation, now, runtime.ca.not_after, _rotate_before(runtime),
+                                      spec.ca_propagation_delay, request, replacement is not None,
+                                      can_generate=spec.ca_secret_ref is None)
+            if step.action == "warn":
+                runtime.warning = step.reason
+                break
+            runtime.warning = None
             if step.action == "start":
                 runtime.next_ca = replacement or generate_ca(spec.name, now, spec.ca_validity, spec.ca_key_algorithm)
                 runtime.rotation = RotationState(PREPARING, now, None, request or runtime.rotation.last_request)
@@ -238,9 +260,11 @@ class TrustDomains:
 
     def next_phase_check(self, runtime: TrustDomainRuntime) -> dt.datetime | None:
         spec = runtime.spec
-        step = next_rotation_step(runtime.rotation, self.clock.now(), runtime.ca.not_after,
-                                  spec.rotate_before(spec.ca_validity), spec.ca_propagation_delay)
-        return step.next_check
+        step = next_rotation_step(runtime.rotation, self.clock.now(), runtime.ca.not_after, _rotate_before(runtime),
+                                  spec.ca_propagation_delay, can_generate=spec.ca_secret_ref is None)
+        # brought CAs and federated bundles live in objects we do not watch: look again periodically
+        resync = self.clock.now() + RESYNC
+        return min(step.next_check, resync) if step.next_check else resync
 
     async def advance(self, name: str) -> tuple[TrustDomainRuntime, list[tuple[str, str]]] | None:
         """Re-evaluate a trust domain's rotation from its resource (the phase timer calls this)."""
@@ -265,9 +289,15 @@ class TrustDomains:
         except PKIError as exc:
             raise TrustDomainError("CAInvalid", f"spec.ca.secretRef {ref}: {exc}") from None
 
-    async def _federated_roots(self, spec: TrustDomainSpec) -> str:
-        """Roots of the trust domains this one federates with, read from the ConfigMaps or Secrets named."""
-        out: list[str] = []
+    async def _federated_bundles(self, spec: TrustDomainSpec, runtime: TrustDomainRuntime) -> tuple[str, str]:
+        """Roots and CRLs of the trust domains this one federates with, from the ConfigMaps or Secrets named.
+
+        A sidecar checks revocation for every peer, so a federated peer's CRL must travel with its root; CRLs
+        issued by our own CAs are left out (the federated bundle may carry an older copy of ours).
+        """
+        roots: list[str] = []
+        crls: list[str] = []
+        own = {ca.certificate.subject for ca in runtime.trusted}
         for i, fed in enumerate(spec.federates_with):
             ref = fed.get("configMapRef") or fed.get("secretRef")
             if not isinstance(ref, dict):
@@ -275,16 +305,22 @@ class TrustDomains:
             key = ref.get("key") or "ca.crt"
             if fed.get("configMapRef"):
                 cm = await self.kube.run(self.kube.read_configmap, ref["namespace"], ref["name"])
-                text = (cm or {}).get("data", {}).get(key)
+                data = dict((cm or {}).get("data", {}))
             else:
                 secret = await self.kube.run(self.kube.read_secret, ref["namespace"], ref["name"])
-                text = secret.data.get(key, b"").decode() if secret.exists else None
+                data = {k: v.decode(errors="replace") for k, v in secret.data.items()} if secret.exists else {}
+            text = data.get(key)
             if not text or "BEGIN CERTIFICATE" not in text:
                 raise TrustDomainError("FederationBundleMissing",
                                        f"spec.federatesWith[{i}]: no certificates under {key!r} in "
                                        f"{ref['namespace']}/{ref['name']}")
-            out.append(text if text.endswith("\n") else text + "\n")
-        return "".join(out)
+            roots.append(text if text.endswith("\n") else text + "\n")
+            try:
+                foreign = [c for c in load_crls(data.get("crl.pem", "").encode()) if c.issuer not in own]
+            except PKIError:
+                foreign = []
+            crls.extend(c.public_bytes(Encoding.PEM).decode() for c in foreign)
+        return "".join(roots), "".join(dict.fromkeys(crls))
 
     async def _save_state(self, runtime: TrustDomainRuntime, current: SecretSnapshot) -> None:
         data = {"revocations.json": json.dumps(_revocations_json(runtime)).encode(),
@@ -421,7 +457,10 @@ class TrustDomains:
             "rotation": rotation,
             "conditions": [condition("Ready", True, "CAReady",
                                      f"signing with CA sha256:{runtime.ca.fingerprint[:16]} until "
-                                     f"{iso(runtime.ca.not_after)}", now)],
+                                     f"{iso(runtime.ca.not_after)}", now),
+                           condition("CAExpiring", runtime.warning is not None,
+                                     "CAInRotationWindow" if runtime.warning else "CAValid",
+                                     runtime.warning or "outside its rotation window", now)],
         }
         if identities is not None:
             status["identities"] = identities

@@ -48,14 +48,23 @@ def rotation_window_open(ca_not_after: dt.datetime, rotate_before: dt.timedelta,
 
 def next_rotation_step(state: RotationState, now: dt.datetime, ca_not_after: dt.datetime,
                        rotate_before: dt.timedelta, propagation_delay: dt.timedelta,
-                       request: str | None = None, replacement_waiting: bool = False) -> RotationStep:
-    """What to do now; `replacement_waiting` is a brought CA that differs from the one signing."""
+                       request: str | None = None, replacement_waiting: bool = False,
+                       can_generate: bool = True) -> RotationStep:
+    """What to do now; `replacement_waiting` is a brought CA that differs from the one signing.
+
+    A brought CA cannot be renewed by meshtls (it has no key above it): inside its window meshtls warns and
+    waits for the team to replace it, then rotates to the replacement.
+    """
     if state.phase == STABLE:
-        if request and request != state.last_request:
-            return RotationStep("start", "CA rotation requested")
         if replacement_waiting:
             return RotationStep("start", "the brought CA was replaced")
+        if request and request != state.last_request and can_generate:
+            return RotationStep("start", "CA rotation requested")
         if rotation_window_open(ca_not_after, rotate_before, now):
+            if not can_generate:
+                return RotationStep("warn", f"the brought CA expires at {ca_not_after:%Y-%m-%dT%H:%M:%SZ}: "
+                                            "replace the Secret named by spec.ca.secretRef",
+                                    now + dt.timedelta(minutes=10))
             return RotationStep("start", f"the CA expires at {ca_not_after:%Y-%m-%dT%H:%M:%SZ}, inside its "
                                          "rotation window")
         return RotationStep("wait", "CA valid", ca_not_after - rotate_before)
