@@ -21,6 +21,8 @@ def add_operator_command(sub: argparse._SubParsersAction[Parser]) -> None:
     p.add_argument("--health-port", type=int, default=8081, help="liveness endpoint /healthz, 0 to disable")
     p.add_argument("--peering", default=None, help="kopf peering name: run several replicas, one acts")
     p.add_argument("--priority", type=int, default=0, help="peering priority (distinct per replica)")
+    p.add_argument("--peering-lifetime", type=int, default=60,
+                   help="seconds after which a silent (killed) peer is forgotten and another replica takes over")
     p.add_argument("--webhook-port", type=int, default=0, help="serve the injection webhook on this port")
     p.add_argument("--webhook-host", default="127.0.0.1", help="URL mode: the host the API server calls")
     p.add_argument("--webhook-service", default=None, help="Service mode: the webhook Service's name")
@@ -47,6 +49,7 @@ def run(args: argparse.Namespace) -> int:
         health_port=args.health_port,
         peering=args.peering,
         priority=args.priority,
+        peering_lifetime=args.peering_lifetime,
         webhook_port=args.webhook_port,
         webhook_host=args.webhook_host,
         webhook_service=args.webhook_service,

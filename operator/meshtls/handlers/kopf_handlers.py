@@ -46,6 +46,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         settings.peering.priority = OPTIONS.priority
         settings.peering.standalone = False
         settings.peering.mandatory = True
+        settings.peering.lifetime = OPTIONS.peering_lifetime
     else:
         settings.peering.standalone = True
     kube = connect(OPTIONS.kubeconfig)

@@ -14,6 +14,7 @@ class OperatorOptions:
     health_port: int = 8081
     peering: str | None = None  # kopf peering name; None: standalone (one instance)
     priority: int = 0
+    peering_lifetime: int = 60  # seconds before a silent peer (killed replica) is forgotten
     webhook_port: int = 0  # 0: no admission webhook
     webhook_host: str = "127.0.0.1"  # URL mode: the address the API server calls
     webhook_service: str | None = None  # Service mode (in-cluster): name of the Service in operator_namespace
