@@ -23,6 +23,7 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 from e2e.harness import Cluster
 from e2e.operator_process import OperatorProcess, free_port
@@ -49,22 +50,22 @@ def until(dt_text: str | None, now: dt.datetime) -> str:
 def identities_table(items: list[dict[str, Any]]) -> Table:
     now = dt.datetime.now(dt.UTC)
     table = Table(title=f"WorkloadIdentities in {NAMESPACE} (kubectl get wid -n {NAMESPACE})", expand=True)
-    for column in ("NAME", "SPIFFE ID", "READY", "SERIAL", "EXPIRES IN", "RENEWS IN", "ROTATIONS"):
-        table.add_column(column, no_wrap=column != "SPIFFE ID")
+    for column in ("NAME", "SPIFFE ID", "READY", "SERIAL", "EXPIRES", "RENEWS", "ROT"):
+        table.add_column(column, no_wrap=column != "SPIFFE ID", overflow="fold")
     for item in sorted(items, key=lambda i: i["metadata"]["name"]):
         status = item.get("status", {})
         ready = next((c for c in status.get("conditions", []) if c.get("type") == "Ready"), {})
         ok = ready.get("status") == "True"
         table.add_row(item["metadata"]["name"], status.get("spiffeID", "-"),
                       "[green]True[/]" if ok else f"[red]{ready.get('reason', 'Pending')}[/]",
-                      (status.get("serialNumber") or "-")[:12] + "…", until(status.get("notAfter"), now),
+                      (status.get("serialNumber") or "-")[:8] + "…", until(status.get("notAfter"), now),
                       until(status.get("renewalTime"), now), str(status.get("rotations", 0)))
     return table
 
 
 def events_panel(lines: list[str]) -> Panel:
-    return Panel("\n".join(lines[-14:]) or "(waiting for events)", title="Events (kubectl get events -w)",
-                 border_style="dim")
+    text = Text("\n").join(Text.from_markup(line, overflow="ellipsis", no_wrap=True) for line in lines[-10:])
+    return Panel(text or Text("(waiting for events)"), title="Events (kubectl get events -w)", border_style="dim")
 
 
 def main() -> int:
@@ -149,7 +150,16 @@ def collect_events(core: client.CoreV1Api, seen: set[str], out: list[str]) -> No
         seen.add(e.metadata.uid)
         when = (e.last_timestamp or dt.datetime.now(dt.UTC)).strftime("%H:%M:%S")
         colour = {"Issued": "green", "Rotated": "cyan", "Revoked": "red"}.get(e.reason, "yellow")
-        out.append(f"{when} [{colour}]{e.reason:8}[/] {e.involved_object.name}: {e.message}")
+        out.append(f"{when} [{colour}]{e.reason:8}[/] {e.involved_object.name}: {short_message(e.message)}")
+
+
+def short_message(message: str) -> str:
+    """'serial 27a5b7… -> 481eb7…, expires in 29s' rather than the full Event text, to fit a terminal."""
+    import re
+
+    message = re.sub(r"\b([0-9a-f]{8})[0-9a-f]{8,}\b", r"\1…", message)
+    message = re.sub(r"expires \S+ \(in (\w+)\)", r"expires in \1", message)
+    return message.split(": renewal time")[0].replace(f"spiffe://{TRUST_DOMAIN}/", "")
 
 
 def revoke_demo(cluster: Cluster, core: client.CoreV1Api, seen: set[str], events: list[str]) -> None:
@@ -163,7 +173,7 @@ def revoke_demo(cluster: Cluster, core: client.CoreV1Api, seen: set[str], events
     revoked = crl.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
     collect_events(core, seen, events)
     for line in [e for e in events if "Revoked" in e][-1:]:
-        console.print("    " + line)
+        console.print("    " + line, overflow="fold")
     number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
     verdict = "[green]on the CRL[/]" if revoked else "[red]NOT on the CRL[/]"
     console.print(f"    serial {serial}: {verdict} (CRL #{number}, {len(crl)} entries) in ConfigMap meshtls-bundle;"
