@@ -24,7 +24,7 @@ from kubernetes import client
 
 from e2e.harness import Cluster
 from e2e.kube_helpers import Kube, is_ready, wait_for
-from e2e.mesh import EchoHandler, EchoServer, grpc_echo_server
+from e2e.mesh import EchoHandler, EchoServer, grpc_echo_server, http_get
 from e2e.operator_process import OperatorProcess, free_port
 from e2e.podrunner import PodSidecar
 from meshtls.pki import generate_ca, issue_svid, workload_spiffe_id
@@ -44,13 +44,7 @@ class Mesh:
         return f"spiffe://{self.trust_domain}/ns/{self.namespace}/sa/{sa}"
 
     def get(self, via: str, path: str = "/hello", timeout: float = 5) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.ports[via], timeout=timeout)
-        try:
-            conn.request("GET", path)
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
+        return http_get(self.ports[via], path, timeout)
 
 
 def _pod(name: str, sa: str) -> dict[str, object]:
