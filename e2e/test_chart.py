@@ -227,7 +227,8 @@ def test_rendered_manifests_pass_server_side_dry_run(cluster: Cluster, namespace
         values = {"workloadNamespaces": [namespace], **values}
         out = helm(cluster, "template", "dry", str(CHART), "-n", namespace, "-f",
                    str(write_values(tmp_path / "values.yaml", values))).stdout
-        applied = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=out, check=False)
+        with injector_slot(cluster):  # as on a fresh cluster: a create, not a patch of another configuration
+            applied = cluster.kubectl("apply", "--dry-run=server", "-f", "-", input=out, check=False)
         assert applied.returncode == 0, f"{name}: {applied.stdout}\n{applied.stderr}"
         kinds = {line.split("/")[0].split(".")[0] for line in applied.stdout.splitlines()}
         assert {"serviceaccount", "clusterrole", "statefulset"} <= kinds, applied.stdout
