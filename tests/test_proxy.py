@@ -24,6 +24,7 @@ from test_proxy_support import (
     ProxyThread,
     TcpApp,
     build_mesh,
+    closed_port,
     digest_after_eof,
     free_ports,
     issue,
@@ -185,14 +186,15 @@ def test_outbound_to_server_with_wrong_spiffe_id_is_refused(mesh: Mesh) -> None:
 def test_outbound_prefix_pattern_and_unreachable_upstream(mesh: Mesh) -> None:
     _, _, port, _ = mesh.sidecar_for("client2", peer="spiffe://example.org/ns/default/*")
     assert roundtrip(port, b"pattern ok") == b"pattern ok"
-    dead = free_ports(1)[0]
     w, _, _, _ = mesh.sidecar_for("client3")
-    w2 = ProxyThread(w.config(outbound=[{"listenPort": (lp := free_ports(1)[0]), "address": f"127.0.0.1:{dead}",
-                                         "peer": mesh.server.spiffe_id}]), "client3b").start()
-    try:
-        assert refused(lp)
-    finally:
-        w2.stop()
+    with closed_port() as dead:
+        w2 = ProxyThread(w.config(outbound=[{"listenPort": (lp := free_ports(1)[0]), "address": f"127.0.0.1:{dead}",
+                                             "peer": mesh.server.spiffe_id}]), "client3b").start()
+        try:
+            assert refused(lp)
+            assert metric(w2.metrics(), "meshtls_proxy_upstream_errors_total", direction="outbound") == 1
+        finally:
+            w2.stop()
 
 
 def test_server_rejects_client_certificate_seen_from_client_sidecar(mesh: Mesh) -> None:

@@ -316,6 +316,7 @@ def test_ca_rotation_with_an_overlapping_bundle(mesh: Mesh) -> None:
     assert roundtrip(mesh.outbound_port, b"new only") == b"new only"
 
 
+@pytest.mark.timeout(180)  # ~10 s alone; generous for a loaded CI machine
 def test_load_loop_across_rotations_has_no_failures(mesh: Mesh) -> None:
     """2,000 requests, each on a fresh connection, while both certificates rotate every 0.3 s."""
     total, workers = 2000, 8

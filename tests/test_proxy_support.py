@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import logging
+import random
 import socket
 import ssl
 import threading
@@ -47,17 +48,41 @@ def issue(ca: CertificateAuthority, sa: str, ttl: dt.timedelta = dt.timedelta(ho
     return issue_svid(ca, workload_spiffe_id(TD, "default", sa), now or dt.datetime.now(dt.UTC), ttl)
 
 
-def free_ports(n: int) -> list[int]:
-    socks = []
+def _ephemeral_low() -> int:
     try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_rng = random.Random()
+
+
+def free_ports(n: int) -> list[int]:
+    """Ports that are free now, picked below the ephemeral range so outgoing connections (of this or a parallel
+    test run) cannot take them before a proxy binds them."""
+    low = _ephemeral_low()
+    ports: list[int] = []
+    while len(ports) < n:
+        port = _rng.randrange(10_000, max(low, 10_001))
+        if port in ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+    return ports
+
+
+@contextlib.contextmanager
+def closed_port() -> Iterator[int]:
+    """A port nothing listens on for as long as the block runs (bound, never listening: connect is refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield s.getsockname()[1]
 
 
 # --- apps ------------------------------------------------------------------------------------------------------------
@@ -292,7 +317,9 @@ def refused(port: int, payload: bytes = b"hello", timeout: float = 5.0) -> bool:
     """True when the connection is closed (or reset) without any byte coming back."""
     try:
         return roundtrip(port, payload, timeout) == b""
-    except (ConnectionResetError, BrokenPipeError):
+    except TimeoutError:
+        return False
+    except OSError:  # reset, broken pipe, not connected: closed on us
         return True
 
 

@@ -442,11 +442,17 @@ class _Tls(_Side):
             self._pending.append(bytes(data))
 
     def _tls_error(self, exc: ssl.SSLError) -> None:
-        reason, detail = classify_tls_error(exc)
+        if isinstance(exc, ssl.SSLEOFError):  # writing after the peer's TCP EOF without close_notify
+            reason, detail = "unclean_eof", "the peer closed TCP without close_notify"
+        else:
+            reason, detail = classify_tls_error(exc)
+            if reason == "handshake_failed":
+                reason = "tls_error"
         if reason == "peer_refused":
             self.proxy.stats.rejections[(self.direction, reason)] += 1
-        self.proxy.log.warning("%s tls error peer_addr=%s reason=%s detail=%s", self.direction, self.peername,
-                               reason, _fmt(detail))
+        self.proxy.log.log(logging.INFO if reason == "unclean_eof" else logging.WARNING,
+                           "%s tls error peer_addr=%s reason=%s detail=%s", self.direction, self.peername, reason,
+                           _fmt(detail))
         self.abort()
         if self.peer is not None:
             self.peer.abort()
@@ -476,12 +482,17 @@ class _Tls(_Side):
             self.transport.write_eof()
             self._tcp_eof = True
 
-    def close_notify(self) -> None:
-        """Close politely after refusing a peer: close_notify, then the socket."""
-        if self.sslobj is not None and not self.closed:
+    def close(self) -> None:
+        """Close the TLS way: close_notify (unless sent already), then the socket."""
+        if self.handshake_done and not self.write_eof and not self.gone and self.sslobj is not None:
+            self.write_eof = True
             with contextlib.suppress(ssl.SSLError):
                 self.sslobj.unwrap()
             self._flush()
+        super().close()
+
+    def close_notify(self) -> None:
+        """Close politely after refusing a peer: close_notify, then the socket."""
         self.close()
 
     def peer_info(self) -> PeerInfo | None:
