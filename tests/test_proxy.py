@@ -227,3 +227,9 @@ def test_metrics_and_probes(mesh: Mesh) -> None:
     assert metric(text, "meshtls_proxy_crls") == 1
     assert metric(text, "meshtls_proxy_certificate_info", serial=mesh.server.cert.serial_hex,
                   spiffe_id=mesh.server.spiffe_id) == 1
+    for request, status in ((b"HEAD /healthz HTTP/1.1\r\n\r\n", b"200"), (b"POST /metrics HTTP/1.1\r\n\r\n", b"405"),
+                            (b"GET /other HTTP/1.0\r\n\r\n", b"404"), (b"garbage\r\n\r\n", b"405")):
+        with socket.create_connection(("127.0.0.1", admin), timeout=5) as s:
+            s.sendall(request)
+            answer = s.recv(4096)
+        assert answer.split()[1] == status, answer

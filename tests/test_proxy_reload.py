@@ -413,3 +413,15 @@ def test_connection_of_a_certificate_revoked_while_open_is_cut(mesh: Mesh) -> No
     fresh.finish()
     keep._stop.set()
     assert len(mesh.server_log.matching("inbound connection cut")) == 1
+
+
+def test_expired_crl_is_loud_and_fails_closed(mesh: Mesh) -> None:
+    past = dt.datetime.now(dt.UTC) - dt.timedelta(hours=2)
+    stale = crl_pem(build_crl(mesh.ca, [], 7, past, validity=dt.timedelta(hours=1)))
+    mesh.server.set_bundle(mesh.ca.roots_pem, stale)
+    mesh.server_log.wait_for("a CRL in", "expired at", "refuses every peer")
+    assert refused(mesh.outbound_port)
+    mesh.server_log.wait_for("inbound rejected", "reason=crl_expired")
+    mesh.server.set_bundle(mesh.ca.roots_pem, crl_pem(build_crl(mesh.ca, [], 8, dt.datetime.now(dt.UTC))))
+    mesh.server_log.wait_for("reloaded", "crl_numbers=8")
+    assert roundtrip(mesh.outbound_port, b"fresh CRL") == b"fresh CRL"

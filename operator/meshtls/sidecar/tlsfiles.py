@@ -381,8 +381,12 @@ class Reloader:
 
     def _warn_about(self, contexts: TLSContexts) -> None:
         bundle, identity = contexts.bundle, contexts.identity
+        next_update = bundle.crl_next_update
         if not bundle.crls:
             self.log.warning("no CRL in %s: revocation is not checked", os.path.join(self.bundle_dir, CRL_FILE))
+        elif next_update is not None and next_update <= self.clock():
+            self.log.warning("a CRL in %s expired at %s: OpenSSL refuses every peer until a fresh one arrives",
+                             os.path.join(self.bundle_dir, CRL_FILE), next_update.isoformat())
         else:
             for root in bundle.roots_without_crl():
                 self.log.warning("no CRL issued by %s in %s: peers whose certificates it issued directly are refused",
