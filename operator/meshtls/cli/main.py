@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from meshtls import __version__
+from meshtls.cli.cluster_commands import add_cluster_commands
 from meshtls.cli.errors import CommandFailed, Parser, UsageError
 from meshtls.cli.operator_command import add_operator_command
 from meshtls.cli.pki_commands import add_pki_commands
@@ -17,6 +18,7 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
     add_pki_commands(sub)
     add_operator_command(sub)
+    add_cluster_commands(sub)
     return parser
 
 

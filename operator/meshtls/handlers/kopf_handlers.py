@@ -11,7 +11,6 @@ import kopf
 
 from meshtls.api.constants import (
     ANNOTATION_SERIAL,
-    FINALIZER,
     GROUP,
     LABEL_IDENTITY,
     LABEL_MANAGED_BY,
@@ -21,7 +20,7 @@ from meshtls.api.constants import (
     WORKLOAD_IDENTITIES,
 )
 from meshtls.handlers import metrics
-from meshtls.handlers.reconcile import Operator, reconcile, reconcile_trust_domain, revoke_on_delete
+from meshtls.handlers.reconcile import Operator, on_identity_event, reconcile_trust_domain
 from meshtls.handlers.settings import OPTIONS
 from meshtls.handlers.trust import TrustDomains
 from meshtls.kube import connect
@@ -34,7 +33,8 @@ log = logging.getLogger("meshtls.operator")
 
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    settings.persistence.finalizer = FINALIZER
+    # kopf's own finalizer (TrustDomains only need none: their deletion handler is optional); identities carry ours
+    settings.persistence.finalizer = f"{GROUP}/kopf"
     settings.posting.level = logging.WARNING  # our own Events say what happened; kopf's would double them
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
@@ -94,17 +94,15 @@ async def trust_domain_deleted(name: str, memo: kopf.Memo, **_: Any) -> None:
 # --- WorkloadIdentities ------------------------------------------------------------------------------------------
 
 
-@kopf.on.resume(GROUP, VERSION, WORKLOAD_IDENTITIES)
-@kopf.on.create(GROUP, VERSION, WORKLOAD_IDENTITIES)
-@kopf.on.update(GROUP, VERSION, WORKLOAD_IDENTITIES)
-async def identity_changed(body: kopf.Body, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
-    assert namespace is not None
-    await reconcile(memo.op, namespace, name, dict(body))
-
-
-@kopf.on.delete(GROUP, VERSION, WORKLOAD_IDENTITIES)
-async def identity_deleted(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    await revoke_on_delete(memo.op, dict(body))
+# kopf's create/update/resume machinery would add two writes per issuance (its finalizer and its last-handled
+# annotation); identities only need "this object changed", so they take the raw event stream and keep their own
+# finalizer, and reconcile() decides from the whole object each time.
+@kopf.on.event(GROUP, VERSION, WORKLOAD_IDENTITIES)
+async def identity_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    op: Operator | None = memo.get("op")
+    if op is None:
+        return
+    await on_identity_event(op, str(event.get("type") or ""), dict(event["object"]))
 
 
 # --- Secrets meshtls manages: repair when deleted or tampered with ----------------------------------------------

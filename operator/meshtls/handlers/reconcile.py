@@ -17,6 +17,7 @@ from meshtls.api.constants import (
     ANNOTATION_RENEW,
     ANNOTATION_REVOKE,
     API_VERSION,
+    FINALIZER,
     KIND_WORKLOAD_IDENTITY,
     LABEL_IDENTITY,
     LABEL_MANAGED_BY,
@@ -65,6 +66,7 @@ class Operator:
     locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
     targets: TargetIndex = field(default_factory=TargetIndex)  # identities with a sidecar, for the webhook
     rendered: dict[Key, str] = field(default_factory=dict)  # sidecar config last written, per identity
+    handled: dict[Key, tuple[Any, ...]] = field(default_factory=dict)  # last event fingerprint reconciled
 
     def __post_init__(self) -> None:
         self.scheduler = RenewalScheduler(self.clock, self.reconcile_key)
@@ -124,6 +126,45 @@ def _identity_ref(body: dict[str, Any]) -> dict[str, Any]:
     meta = body["metadata"]
     return {"apiVersion": body.get("apiVersion", API_VERSION), "kind": body.get("kind", KIND_WORKLOAD_IDENTITY),
             "name": meta["name"], "uid": meta["uid"]}
+
+
+def _event_fingerprint(meta: dict[str, Any]) -> tuple[Any, ...]:
+    """What makes an event worth a reconcile: a spec change (generation) or a renew/revoke request.
+
+    Our own status and finalizer writes come back as events too; they change neither, so they cost nothing.
+    """
+    annotations = meta.get("annotations") or {}
+    return (meta.get("uid"), meta.get("generation"), annotations.get(ANNOTATION_RENEW),
+            annotations.get(ANNOTATION_REVOKE))
+
+
+async def on_identity_event(op: Operator, event_type: str, body: dict[str, Any]) -> None:
+    meta = body.get("metadata") or {}
+    key = (str(meta.get("namespace")), str(meta.get("name")))
+    finalizers = list(meta.get("finalizers") or [])
+    if event_type == "DELETED":
+        op.handled.pop(key, None)
+        op.scheduler.forget(key)
+        op.targets.remove(*key)
+        return
+    if meta.get("deletionTimestamp"):
+        if FINALIZER in finalizers:
+            await revoke_on_delete(op, body)
+            await op.kube.run(op.kube.remove_workload_identity_finalizer, key[0], key[1], FINALIZER, finalizers)
+        return
+    fingerprint = _event_fingerprint(meta)
+    if op.handled.get(key) == fingerprint and FINALIZER in finalizers:
+        return
+    try:
+        if FINALIZER not in finalizers:
+            await op.kube.run(op.kube.add_workload_identity_finalizer, key[0], key[1], FINALIZER, finalizers,
+                              meta.get("resourceVersion"))
+        op.handled[key] = fingerprint
+        await reconcile(op, key[0], key[1], body)
+    except Exception as exc:  # kopf does not retry event handlers: the scheduler does
+        op.handled.pop(key, None)
+        log.warning("reconciling %s/%s failed (%s); retrying in %.0f s", *key, exc, RETRY_ERROR.total_seconds())
+        op.scheduler.schedule(key, op.clock.now() + RETRY_ERROR)
 
 
 async def reconcile(op: Operator, namespace: str, name: str, body: dict[str, Any] | None = None) -> None:

@@ -29,6 +29,7 @@ from meshtls.api.constants import (
 from meshtls.api.objects import ABSENT, SecretSnapshot
 
 T = TypeVar("T")
+JSON_PATCH = "application/json-patch+json"
 
 
 class NotFound(Exception):
@@ -134,6 +135,31 @@ class Kube:
         self.custom.patch_namespaced_custom_object(
             GROUP, VERSION, namespace, WORKLOAD_IDENTITIES, name, {"metadata": {"annotations": dict(annotations)}}
         )
+
+    @api_call
+    def add_workload_identity_finalizer(self, namespace: str, name: str, finalizer: str,
+                                        current: list[str], resource_version: str) -> None:
+        """Add our finalizer to the version we saw (JSON Patch `test`): never clobber another controller's."""
+        ops: list[dict[str, Any]] = [{"op": "test", "path": "/metadata/resourceVersion", "value": resource_version}]
+        if current:
+            ops.append({"op": "add", "path": "/metadata/finalizers/-", "value": finalizer})
+        else:
+            ops.append({"op": "add", "path": "/metadata/finalizers", "value": [finalizer]})
+        self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, WORKLOAD_IDENTITIES, name, ops,
+                                                   _content_type=JSON_PATCH)
+
+    @api_call
+    def remove_workload_identity_finalizer(self, namespace: str, name: str, finalizer: str,
+                                           current: list[str]) -> None:
+        index = current.index(finalizer)
+        ops = [{"op": "test", "path": f"/metadata/finalizers/{index}", "value": finalizer},
+               {"op": "remove", "path": f"/metadata/finalizers/{index}"}]
+        try:
+            self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, WORKLOAD_IDENTITIES, name, ops,
+                                                       _content_type=JSON_PATCH)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
     # --- TrustDomains ------------------------------------------------------------------------------------------
 
