@@ -66,6 +66,7 @@ class TrustDomainRuntime:
     federated_roots: str = ""
     federated_crls: str = ""
     crl: bytes = b""
+    crl_signed: tuple[dt.datetime, tuple[object, ...]] | None = None
     namespaces: set[str] = field(default_factory=set)
     identities: set[tuple[str, str]] = field(default_factory=set)
     published: dict[str, tuple[str, str]] = field(default_factory=dict)  # namespace -> (ca, crl) last written
@@ -86,8 +87,20 @@ class TrustDomainRuntime:
         """Every CA whose certificates sidecars must accept now, the signing one first."""
         return [c for c in (self.ca, self.next_ca, self.previous_ca) if c is not None]
 
+    def crls_stale(self, now: dt.datetime) -> bool:
+        """Re-sign when what the CRLs say changed, or half their validity has passed: sidecars refuse every peer
+        once a CRL is past its nextUpdate, so it is renewed long before that, but not on every look."""
+        signed = self.crl_signed
+        return (signed is None or signed[1] != self.crl_inputs()
+                or now - signed[0] >= self.spec.crl_validity / 2)
+
+    def crl_inputs(self) -> tuple[object, ...]:
+        return (self.crl_number, tuple(sorted(e.serial_number for e in self.revocations)),
+                tuple(ca.fingerprint for ca in self.trusted))
+
     def sign_crls(self, now: dt.datetime) -> None:
         # One CRL per trusted CA: a sidecar checking a leaf needs the CRL of that leaf's issuer.
+        self.crl_signed = (now, self.crl_inputs())
         self.crl = b"".join(crl_pem(build_crl(ca, self.revocations, self.crl_number, now, self.spec.crl_validity))
                             for ca in self.trusted)
 
@@ -215,7 +228,12 @@ class TrustDomains:
         changes += self._advance(runtime, now, request, brought if replacement else None)
         if changes or not state.exists:
             await self._save_state(runtime, state)
-        runtime.sign_crls(now)
+        if runtime.crls_stale(now):
+            if runtime.crl_signed is not None and runtime.crl_signed[1] == runtime.crl_inputs():
+                runtime.crl_number += 1  # re-signed for age alone: still a new CRL, so a new number
+                await self._save_state(runtime, await self.kube.run(self.kube.read_secret, self.namespace,
+                                                                    state_name))
+            runtime.sign_crls(now)
         metrics.ca_expiration.labels(spec.name).set(runtime.ca.not_after.timestamp())
         metrics.crl_entries.labels(spec.name).set(len(drop_expired(runtime.revocations, now)))
         return runtime, changes
