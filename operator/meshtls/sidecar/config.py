@@ -82,6 +82,19 @@ def _pattern(value: Any, field_path: str) -> str:
     return value
 
 
+def _mapping(value: Any, field_path: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise PKIError(field_path, f"must be a mapping, not {type(value).__name__}")
+    return value
+
+
+def _list(data: dict[str, Any], key: str) -> list[Any]:
+    value = data.get(key) or []
+    if not isinstance(value, list):
+        raise PKIError(key, f"must be a list, not {type(value).__name__}")
+    return value
+
+
 def parse_sidecar_config(data: dict[str, Any]) -> SidecarConfig:
     """Validate a config mapping; errors name the field path (e.g. `inbound[0].appPort`)."""
     if not isinstance(data, dict):
@@ -91,7 +104,8 @@ def parse_sidecar_config(data: dict[str, Any]) -> SidecarConfig:
         raise PKIError("spiffeId", "is required")
     parse_spiffe_id(spiffe_id, "spiffeId")
     inbound = []
-    for i, r in enumerate(data.get("inbound") or []):
+    for i, r in enumerate(_list(data, "inbound")):
+        r = _mapping(r, f"inbound[{i}]")
         allow = r.get("allow") or []
         if not isinstance(allow, list):
             raise PKIError(f"inbound[{i}].allow", "must be a list of SPIFFE IDs or prefix/* patterns")
@@ -101,7 +115,8 @@ def parse_sidecar_config(data: dict[str, Any]) -> SidecarConfig:
             allow=tuple(_pattern(a, f"inbound[{i}].allow[{j}]") for j, a in enumerate(allow)),
         ))
     outbound = []
-    for i, r in enumerate(data.get("outbound") or []):
+    for i, r in enumerate(_list(data, "outbound")):
+        r = _mapping(r, f"outbound[{i}]")
         address = r.get("address")
         host, _, port = str(address or "").rpartition(":")
         if not host or not port.isdigit():
@@ -112,8 +127,11 @@ def parse_sidecar_config(data: dict[str, Any]) -> SidecarConfig:
             address=str(address),
             peer=_pattern(r.get("peer"), f"outbound[{i}].peer"),
         ))
-    admin = data.get("admin") or {}
-    interval = float(data.get("reloadIntervalSeconds", DEFAULT_RELOAD_INTERVAL.total_seconds()))
+    admin = _mapping(data.get("admin") or {}, "admin")
+    raw_interval = data.get("reloadIntervalSeconds", DEFAULT_RELOAD_INTERVAL.total_seconds())
+    if isinstance(raw_interval, bool) or not isinstance(raw_interval, int | float):
+        raise PKIError("reloadIntervalSeconds", f"{raw_interval!r} is not a number of seconds")
+    interval = float(raw_interval)
     if not 0.05 <= interval <= 60:
         raise PKIError("reloadIntervalSeconds", f"{interval} is outside 0.05-60")
     ports = [r.port for r in inbound] + [r.listen_port for r in outbound]

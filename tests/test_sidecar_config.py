@@ -1,0 +1,48 @@
+"""The proxy config: the operator renders it, the proxy parses it; bad shapes name the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from meshtls.api.model import parse_trust_domain, parse_workload_identity, resolve_identity
+from meshtls.pki import PKIError
+from meshtls.sidecar.config import load_sidecar_config, parse_sidecar_config
+from meshtls.sidecar.render import injection_target, render_sidecar_config
+
+
+def test_rendered_config_round_trips_through_the_proxy_parser() -> None:
+    body = {"metadata": {"namespace": "shop", "name": "backend", "uid": "u"}, "spec": {
+        "serviceAccountName": "backend", "inbound": [{"port": 8443, "appPort": 8080}],
+        "allowedPeers": ["spiffe://cluster.local/ns/shop/sa/frontend", "spiffe://cluster.local/ns/ops/*"],
+        "outbound": [{"listenPort": 9001, "address": "db.shop.svc:5432", "peer": "spiffe://cluster.local/ns/shop/sa/db"}],
+    }}
+    td = parse_trust_domain({"metadata": {"name": "cluster.local"}})
+    identity = resolve_identity(parse_workload_identity(body), td)
+    config = render_sidecar_config(identity)
+    assert load_sidecar_config(config.to_yaml()) == config
+    assert config.inbound[0].allow == ("spiffe://cluster.local/ns/shop/sa/frontend", "spiffe://cluster.local/ns/ops/*")
+    target = injection_target(identity, "meshtls-bundle")
+    assert target.inbound_ports == (8443,) and target.config_map == "backend-meshtls-proxy"
+
+
+@pytest.mark.parametrize(
+    ("patch", "field"),
+    [
+        ({"inbound": [8443]}, "inbound[0]"),
+        ({"inbound": [{"port": 0, "appPort": 1}]}, "inbound[0].port"),
+        ({"inbound": [{"port": 1, "appPort": 2, "allow": ["http://x"]}]}, "inbound[0].allow[0]"),
+        ({"outbound": {"listenPort": 1}}, "outbound"),
+        ({"outbound": [{"listenPort": 1, "address": "nohost", "peer": "spiffe://a/b"}]}, "outbound[0].address"),
+        ({"admin": 5}, "admin"),
+        ({"reloadIntervalSeconds": "abc"}, "reloadIntervalSeconds"),
+        ({"reloadIntervalSeconds": 600}, "reloadIntervalSeconds"),
+        ({"spiffeId": "spiffe://Bad"}, "spiffeId"),
+        ({"inbound": [{"port": 15090, "appPort": 2}]}, "inbound/outbound"),
+    ],
+)
+def test_bad_shapes_name_the_field(patch: dict[str, Any], field: str) -> None:
+    with pytest.raises(PKIError) as err:
+        parse_sidecar_config({"spiffeId": "spiffe://td/ns/a/sa/b", **patch})
+    assert err.value.field == field
