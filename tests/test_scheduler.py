@@ -1,0 +1,91 @@
+"""The renewal heap: one task for all identities; the latest schedule wins; failures retry."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+
+from meshtls.handlers.scheduler import Key, RenewalScheduler
+from meshtls.handlers.targets import TargetIndex
+from meshtls.lifecycle.ca_rotation import PREPARING, ROTATING, STABLE, RotationState, next_rotation_step
+from meshtls.lifecycle.clock import SystemClock
+from meshtls.sidecar.target import InjectionTarget
+
+
+def test_due_keys_run_once_in_order_and_rescheduling_supersedes() -> None:
+    async def scenario() -> list[Key]:
+        ran: list[Key] = []
+        clock = SystemClock()
+
+        async def work(key: Key) -> None:
+            ran.append(key)
+
+        scheduler = RenewalScheduler(clock, work)
+        task = asyncio.create_task(scheduler.run())
+        now = clock.now()
+        scheduler.schedule(("a", "late"), now + dt.timedelta(seconds=0.3))
+        scheduler.schedule(("a", "early"), now + dt.timedelta(seconds=0.1))
+        scheduler.schedule(("a", "moved"), now + dt.timedelta(seconds=0.05))
+        scheduler.schedule(("a", "moved"), now + dt.timedelta(seconds=0.5))  # the latest call wins
+        scheduler.schedule(("a", "gone"), now + dt.timedelta(seconds=0.1))
+        scheduler.forget(("a", "gone"))
+        await asyncio.sleep(0.8)
+        task.cancel()
+        return ran
+
+    assert asyncio.run(scenario()) == [("a", "early"), ("a", "late"), ("a", "moved")]
+
+
+def test_a_failing_key_is_retried() -> None:
+    async def scenario() -> int:
+        calls = 0
+        clock = SystemClock()
+
+        async def work(key: Key) -> None:
+            nonlocal calls
+            calls += 1
+            raise RuntimeError("API down")
+
+        scheduler = RenewalScheduler(clock, work)
+        task = asyncio.create_task(scheduler.run())
+        scheduler.schedule(("a", "b"), clock.now())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        assert scheduler.due_at(("a", "b")) is not None  # rescheduled for later
+        return calls
+
+    assert asyncio.run(scenario()) == 1
+
+
+def test_target_index_answers_by_namespace_and_service_account() -> None:
+    index = TargetIndex()
+    web = InjectionTarget("web", "web", "spiffe://td/ns/a/sa/web", "web-mtls", "web-meshtls-proxy", "meshtls-bundle")
+    index.put("a", web)
+    assert index.lookup("a", "web", {}) == [web]
+    assert index.lookup("b", "web", {}) == []
+    assert index.lookup("a", "other", {}) == []
+    moved = InjectionTarget("web", "api", "spiffe://td/ns/a/sa/api", "web-mtls", "web-meshtls-proxy", "meshtls-bundle")
+    index.put("a", moved)  # the identity's serviceAccountName changed
+    assert index.lookup("a", "web", {}) == [] and index.lookup("a", "api", {}) == [moved]
+    index.remove("a", "web")
+    assert index.lookup("a", "api", {}) == []
+
+
+def test_ca_rotation_phases_with_a_fake_clock() -> None:
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    ca_not_after = t0 + dt.timedelta(days=365)
+    window, delay = dt.timedelta(days=100), dt.timedelta(seconds=90)
+    stable = RotationState()
+    assert next_rotation_step(stable, t0, ca_not_after, window, delay).action == "wait"
+    assert next_rotation_step(stable, ca_not_after - window, ca_not_after, window, delay).action == "start"
+    assert next_rotation_step(stable, t0, ca_not_after, window, delay, request="r1").action == "start"
+    assert next_rotation_step(RotationState(STABLE, last_request="r1"), t0, ca_not_after, window, delay,
+                              request="r1").action == "wait"
+    brought = next_rotation_step(stable, ca_not_after - window, ca_not_after, window, delay, can_generate=False)
+    assert brought.action == "warn" and "replace" in brought.reason
+    preparing = RotationState(PREPARING, t0)
+    assert next_rotation_step(preparing, t0 + dt.timedelta(seconds=89), ca_not_after, window, delay).action == "wait"
+    assert next_rotation_step(preparing, t0 + delay, ca_not_after, window, delay).action == "switch"
+    rotating = RotationState(ROTATING, t0, t0 + dt.timedelta(hours=25))
+    assert next_rotation_step(rotating, t0 + dt.timedelta(hours=24), ca_not_after, window, delay).action == "wait"
+    assert next_rotation_step(rotating, t0 + dt.timedelta(hours=25), ca_not_after, window, delay).action == "retire"
