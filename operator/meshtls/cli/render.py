@@ -184,7 +184,7 @@ def identity_detail(body: Mapping[str, Any], events: Sequence[Mapping[str, Any]]
         conditions.add_row(Text(str(c.get("type", ""))), Text(str(c.get("status", "")), style=style),
                            Text(str(c.get("reason", ""))), Text(str(c.get("message", ""))),
                            Text(ago(parse_time(c.get("lastTransitionTime")), now)))
-    rows = sorted_events(events)[-limit:]
+    rows = sorted_events(events)[-limit:] if limit > 0 else []
     parts: list[RenderableType] = [fields, Text(""), Text("Conditions:", style="bold"), conditions, Text("")]
     parts.append(Text(f"Events (last {len(rows)}):" if rows else "Events: none", style="bold"))
     if rows:
@@ -196,7 +196,7 @@ def identity_detail_data(body: Mapping[str, Any], events: Sequence[Mapping[str, 
                          limit: int = 20) -> dict[str, Any]:
     return {"identity": identity_row(body, now),
             "conditions": list((body.get("status") or {}).get("conditions") or []),
-            "events": [event_row(e) for e in sorted_events(events)[-limit:]]}
+            "events": [event_row(e) for e in sorted_events(events)[-limit:]] if limit > 0 else []}
 
 
 # --- Events --------------------------------------------------------------------------------------------------------
