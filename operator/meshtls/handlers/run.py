@@ -8,18 +8,17 @@ import logging
 import kopf
 
 from meshtls.handlers.settings import OPTIONS, OperatorOptions
+from meshtls.kube import use_kubeconfig
 
 
 def run_operator(options: OperatorOptions, verbose: bool = False) -> None:
     OPTIONS.__dict__.update(options.__dict__)
+    if options.kubeconfig:  # before kopf logs in
+        use_kubeconfig(options.kubeconfig)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
     import meshtls.handlers.kopf_handlers  # noqa: F401  (registers the handlers)
 
-    if options.kubeconfig:
-        import os
-
-        os.environ["KUBECONFIG"] = options.kubeconfig
     kopf.configure(verbose=verbose)
     asyncio.run(kopf.operator(
         clusterwide=not options.namespaces,

@@ -10,15 +10,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import json
 import logging
 import ssl
 import tempfile
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from meshtls.api.constants import LABEL_INJECT_NAMESPACE, LABEL_INJECT_POD, LABEL_MANAGED_BY, MANAGED_BY
+from meshtls.api.constants import (
+    DEFAULT_BUNDLE_CONFIGMAP,
+    LABEL_INJECT_NAMESPACE,
+    LABEL_INJECT_POD,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+)
 from meshtls.api.objects import SecretSnapshot
 from meshtls.handlers.settings import OperatorOptions
 from meshtls.handlers.targets import TargetIndex
@@ -27,7 +35,7 @@ from meshtls.lifecycle.clock import Clock
 from meshtls.pki import PKIError, generate_ca, load_ca, load_certificates
 from meshtls.pki.serving import issue_serving_certificate
 from meshtls.sidecar.admission import review_pod_admission
-from meshtls.sidecar.target import InjectionOptions
+from meshtls.sidecar.target import InjectionOptions, InjectionTarget, sidecar_configmap_name
 
 log = logging.getLogger("meshtls.webhook")
 CONFIGURATION_NAME = "meshtls-injector"
@@ -35,6 +43,7 @@ TLS_SECRET = "meshtls-webhook-tls"
 PATH = "/inject"
 SERVING_TTL = dt.timedelta(days=90)
 RENEW_WITHIN = dt.timedelta(days=30)
+CERTIFICATE_CHECK = dt.timedelta(hours=12)
 SYSTEM_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
 
 
@@ -100,6 +109,15 @@ async def ensure_serving_certificate(kube: Kube, clock: Clock, options: Operator
     return serving.cert_chain_pem, serving.key_pem, ca.certificate_pem()
 
 
+def _load_pair(context: ssl.SSLContext, chain: bytes, key: bytes) -> None:
+    with tempfile.TemporaryDirectory() as tmp:  # ssl loads key pairs from files only
+        cert_file, key_file = Path(tmp, "tls.crt"), Path(tmp, "tls.key")
+        cert_file.write_bytes(chain)
+        key_file.write_bytes(key)
+        key_file.chmod(0o600)
+        context.load_cert_chain(cert_file, key_file)
+
+
 def _is_ip(host: str) -> bool:
     import ipaddress
 
@@ -124,6 +142,18 @@ def _still_good(secret: SecretSnapshot, now: dt.datetime, dns: list[str], ips: l
             and "ca.crt" in secret.data and "tls.key" in secret.data)
 
 
+def _pod_service_account(body: bytes) -> tuple[str, str] | None:
+    """(namespace, serviceAccount) of the pod in a review, or None when the body is not one (review says why)."""
+    try:
+        request = json.loads(body).get("request") or {}
+        pod = request.get("object") or {}
+        namespace = request.get("namespace") or (pod.get("metadata") or {}).get("namespace")
+        sa = (pod.get("spec") or {}).get("serviceAccountName") or "default"
+    except (ValueError, AttributeError, TypeError):
+        return None
+    return (namespace, sa) if isinstance(namespace, str) and isinstance(sa, str) else None
+
+
 async def _healthz(_: web.Request) -> web.Response:
     return web.Response(text="ok")
 
@@ -140,13 +170,9 @@ class InjectionWebhook:
 
     async def start(self, clock: Clock) -> None:
         chain, key, ca = await ensure_serving_certificate(self.kube, clock, self.options)
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        with tempfile.TemporaryDirectory() as tmp:  # ssl loads key pairs from files only
-            cert_file, key_file = Path(tmp, "tls.crt"), Path(tmp, "tls.key")
-            cert_file.write_bytes(chain)
-            key_file.write_bytes(key)
-            key_file.chmod(0o600)
-            context.load_cert_chain(cert_file, key_file)
+        self.context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        _load_pair(self.context, chain, key)
+        context = self.context
         app = web.Application(client_max_size=4 * 1024 * 1024)
         app.router.add_post(PATH, self.handle)
         app.router.add_get("/healthz", _healthz)
@@ -154,27 +180,85 @@ class InjectionWebhook:
         await self.runner.setup()
         bind = "0.0.0.0" if self.options.webhook_service else self.options.webhook_host
         await web.TCPSite(self.runner, bind, self.options.webhook_port, ssl_context=context).start()
-        await self.kube.run(self.kube.apply_mutating_webhook_configuration, CONFIGURATION_NAME,
-                            webhook_definitions(self.options, ca), {LABEL_MANAGED_BY: MANAGED_BY})
+        await self._apply_configuration(ca)
+        self.ca = ca
+        self.renewer = asyncio.create_task(self._keep_certificate_fresh(clock))
         log.info("injection webhook serving on %s:%d (failurePolicy %s)", bind, self.options.webhook_port,
                  self.options.webhook_failure_policy)
 
+    async def _apply_configuration(self, ca: bytes) -> None:
+        try:
+            await self.kube.run(self.kube.apply_mutating_webhook_configuration, CONFIGURATION_NAME,
+                                webhook_definitions(self.options, ca), {LABEL_MANAGED_BY: MANAGED_BY})
+        except Exception as exc:  # keep serving: the configuration may be fixed by its owner (helm upgrade)
+            log.error("could not write MutatingWebhookConfiguration %s (%s): pods will not be injected until it "
+                      "exists with this caBundle; with the Helm chart, run `helm upgrade` to recreate it",
+                      CONFIGURATION_NAME, exc)
+
+    async def _keep_certificate_fresh(self, clock: Clock) -> None:
+        """The serving certificate lives 90 days; look twice a day, renew within 30 days of expiry."""
+        while True:
+            await asyncio.sleep(CERTIFICATE_CHECK.total_seconds())
+            try:
+                chain, key, ca = await ensure_serving_certificate(self.kube, clock, self.options)
+                _load_pair(self.context, chain, key)  # new handshakes use it; the listener stays up
+                if ca != self.ca:
+                    self.ca = ca
+                await self._apply_configuration(ca)
+            except Exception as exc:
+                log.warning("checking the webhook's serving certificate failed: %s", exc)
+
     async def stop(self) -> None:
+        if getattr(self, "renewer", None) is not None:
+            self.renewer.cancel()
         if self.runner is not None:
             await self.runner.cleanup()
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        outcome = review_pod_admission(body, self.index.lookup, self.injection)
+        lookup: Callable[[str, str, Mapping[str, str]], list[InjectionTarget]] = self.index.lookup
+        wanted = _pod_service_account(body)
+        if wanted is not None and not self.index.lookup(*wanted, {}):
+            # A miss in memory: this replica may be a paused peer (it watches nothing) or just started.
+            # Ask the API rather than admit the pod without its sidecar.
+            try:
+                found = await self._targets_from_api(*wanted)
+            except Exception as exc:
+                log.warning("identity lookup for %s/%s through the API failed: %s", *wanted, exc)
+                found = []
+            if found:
+                def from_api(namespace: str, sa: str, labels: Mapping[str, str]) -> list[InjectionTarget]:
+                    return found if (namespace, sa) == wanted else self.index.lookup(namespace, sa, labels)
+
+                lookup = from_api
+        outcome = review_pod_admission(body, lookup, self.injection)
         if outcome.event is not None:
             task = asyncio.create_task(self._post_event(body, *outcome.event))
             self._events.add(task)
             task.add_done_callback(self._events.discard)
         return web.json_response(outcome.response, status=outcome.http_status)
 
-    async def _post_event(self, body: bytes, reason: str, message: str) -> None:
-        import json
+    async def _targets_from_api(self, namespace: str, service_account: str) -> list[InjectionTarget]:
+        """Targets for (namespace, ServiceAccount) from the identities' status, as the acting replica wrote it."""
+        out = []
+        for body in await self.kube.run(self.kube.list_workload_identities, namespace):
+            spec, status = body.get("spec") or {}, body.get("status") or {}
+            ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions", []))
+            if spec.get("serviceAccountName") != service_account or not ready or not (
+                    spec.get("inbound") or spec.get("outbound")):
+                continue
+            td = await self.kube.run(self.kube.get_trust_domain, status.get("trustDomain", ""))
+            name = body["metadata"]["name"]
+            out.append(InjectionTarget(
+                identity_name=name, service_account=service_account, spiffe_id=status["spiffeID"],
+                secret_name=spec.get("secretName") or f"{name}-mtls", config_map=sidecar_configmap_name(name),
+                bundle_config_map=((td or {}).get("spec", {}).get("bundle") or {}).get("configMapName")
+                or DEFAULT_BUNDLE_CONFIGMAP,
+                pod_selector=dict((spec.get("podSelector") or {}).get("matchLabels") or {}),
+                inbound_ports=tuple(int(r["port"]) for r in spec.get("inbound") or ())))
+        return out
 
+    async def _post_event(self, body: bytes, reason: str, message: str) -> None:
         request = json.loads(body).get("request") or {}  # well-formed: the review produced an Event
         pod = (request.get("object") or {}).get("metadata") or {}
         namespace = request.get("namespace") or pod.get("namespace") or "default"

@@ -71,6 +71,15 @@ def api_call(fn: Callable[..., T]) -> Callable[..., T]:
     return wrapper
 
 
+def use_kubeconfig(path: str) -> None:
+    """Make `path` the kubeconfig for every later default load (kopf's login included): the client read
+    $KUBECONFIG once, at import."""
+    from kubernetes.config import kube_config
+
+    os.environ["KUBECONFIG"] = path
+    kube_config.KUBE_CONFIG_DEFAULT_LOCATION = path
+
+
 def connect(kubeconfig: str | None = None, pool_size: int = 32) -> Kube:
     """In-cluster config when running in a pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
     configuration = client.Configuration()
