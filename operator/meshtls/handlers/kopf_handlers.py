@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import logging
 from typing import Any
 
@@ -24,6 +25,7 @@ from meshtls.handlers.reconcile import Operator, on_identity_event, reconcile_tr
 from meshtls.handlers.settings import OPTIONS
 from meshtls.handlers.trust import TrustDomains
 from meshtls.kube import connect
+from meshtls.kube.queries import default_holder, run_heartbeat
 from meshtls.lifecycle.certificate import read_secret_certificate
 from meshtls.lifecycle.clock import SystemClock
 from meshtls.sidecar.target import InjectionOptions
@@ -36,6 +38,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     # kopf's own finalizer (TrustDomains only need none: their deletion handler is optional); identities carry ours
     settings.persistence.finalizer = f"{GROUP}/kopf"
     settings.posting.level = logging.WARNING  # our own Events say what happened; kopf's would double them
+    # Server-side selector: the watch carries only meshtls's Secrets, not every Secret of the cluster (memory, API load)
+    settings.watching.label_selectors["", "v1", "secrets"] = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_IDENTITY}"
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
     settings.watching.connect_timeout = 10
@@ -54,6 +58,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     op = Operator(kube=kube, clock=clock, trust=TrustDomains(kube, clock, OPTIONS.operator_namespace))
     memo.op = op
     memo.scheduler_task = asyncio.create_task(op.scheduler.run())
+    # a Lease renewed every 10 s: `meshtls check` tells a live operator from a dead one without reaching its pod
+    memo.heartbeat_task = asyncio.create_task(run_heartbeat(kube, OPTIONS.operator_namespace, default_holder()))
     if OPTIONS.webhook_port:
         from meshtls.handlers.webhook import InjectionWebhook  # aiohttp's server only when the webhook is on
 
@@ -71,6 +77,11 @@ async def stop(memo: kopf.Memo, **_: Any) -> None:
     task = memo.get("scheduler_task")
     if task is not None:
         task.cancel()
+    heartbeat = memo.get("heartbeat_task")
+    if heartbeat is not None:
+        heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat  # releases the Lease: `meshtls check` reports the stop at once
     webhook = memo.get("webhook")
     if webhook is not None:
         await webhook.stop()
