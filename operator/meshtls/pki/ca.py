@@ -151,7 +151,7 @@ def generate_ca(
     name = x509.Name(
         [
             x509.NameAttribute(NameOID.ORGANIZATION_NAME, "meshtls"),
-            x509.NameAttribute(NameOID.COMMON_NAME, common_name or f"meshtls CA {trust_domain}"),
+            x509.NameAttribute(NameOID.COMMON_NAME, (common_name or f"meshtls CA {trust_domain}")[:64]),  # X.520 ub
             x509.NameAttribute(NameOID.SERIAL_NUMBER, f"{secrets.randbits(32):08x}"),
         ]
     )
