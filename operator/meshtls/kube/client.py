@@ -60,6 +60,16 @@ def _translate(exc: ApiException) -> Exception:
     return ApiError(exc.status or 0, exc.reason or "", message)
 
 
+def or_none(call: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    """The object, or None when the API says it does not exist (404); every other error propagates."""
+    try:
+        return call(*args, **kwargs)
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise
+
+
 def api_call(fn: Callable[..., T]) -> Callable[..., T]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> T:
@@ -117,12 +127,8 @@ class Kube:
 
     @api_call
     def get_workload_identity(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            return dict(self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, WORKLOAD_IDENTITIES, name))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        obj = or_none(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, WORKLOAD_IDENTITIES, name)
+        return dict(obj) if obj is not None else None
 
     @api_call
     def list_workload_identities(self, namespace: str | None = None) -> list[dict[str, Any]]:
@@ -174,12 +180,8 @@ class Kube:
 
     @api_call
     def get_trust_domain(self, name: str) -> dict[str, Any] | None:
-        try:
-            return dict(self.custom.get_cluster_custom_object(GROUP, VERSION, TRUST_DOMAINS, name))
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        obj = or_none(self.custom.get_cluster_custom_object, GROUP, VERSION, TRUST_DOMAINS, name)
+        return dict(obj) if obj is not None else None
 
     @api_call
     def list_trust_domains(self) -> list[dict[str, Any]]:
@@ -193,12 +195,9 @@ class Kube:
 
     @api_call
     def read_secret(self, namespace: str, name: str) -> SecretSnapshot:
-        try:
-            s = self.core.read_namespaced_secret(name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return ABSENT
-            raise
+        s = or_none(self.core.read_namespaced_secret, name, namespace)
+        if s is None:
+            return ABSENT
         meta = s.metadata
         return SecretSnapshot(
             exists=True,
@@ -236,12 +235,9 @@ class Kube:
 
     @api_call
     def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            cm = self.core.read_namespaced_config_map(name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
+        cm = or_none(self.core.read_namespaced_config_map, name, namespace)
+        if cm is None:
+            return None
         return {"data": dict(cm.data or {}), "labels": dict(cm.metadata.labels or {}),
                 "resourceVersion": cm.metadata.resource_version}
 
@@ -266,13 +262,8 @@ class Kube:
 
     @api_call
     def namespace_exists(self, name: str) -> bool:
-        try:
-            ns = self.core.read_namespace(name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return ns.status.phase != "Terminating"
+        ns = or_none(self.core.read_namespace, name)
+        return ns is not None and ns.status.phase != "Terminating"
 
     # --- Events ------------------------------------------------------------------------------------------------
 
@@ -345,13 +336,8 @@ class Kube:
 
     @api_call
     def read_mutating_webhook_configuration(self, name: str) -> dict[str, Any] | None:
-        try:
-            obj = self.admission.read_mutating_webhook_configuration(name)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return dict(self.api_client.sanitize_for_serialization(obj))
+        obj = or_none(self.admission.read_mutating_webhook_configuration, name)
+        return dict(self.api_client.sanitize_for_serialization(obj)) if obj is not None else None
 
     @api_call
     def server_version(self) -> str:

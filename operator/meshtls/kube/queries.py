@@ -28,7 +28,7 @@ from kubernetes.config.config_exception import ConfigException
 
 from meshtls.api.constants import LABEL_BUNDLE, LABEL_MANAGED_BY, MANAGED_BY
 from meshtls.api.objects import SecretSnapshot
-from meshtls.kube.client import Kube, _decode, _translate, api_call
+from meshtls.kube.client import Kube, _decode, _translate, api_call, or_none
 
 log = logging.getLogger("meshtls.heartbeat")
 
@@ -180,13 +180,8 @@ def server_clock(kube: Kube) -> tuple[str, dt.datetime | None]:
 
 @api_call
 def read_crd(kube: Kube, name: str) -> dict[str, Any] | None:
-    try:
-        obj = client.ApiextensionsV1Api(kube.api_client).read_custom_resource_definition(name)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return dict(kube.api_client.sanitize_for_serialization(obj))
+    obj = or_none(client.ApiextensionsV1Api(kube.api_client).read_custom_resource_definition, name)
+    return dict(kube.api_client.sanitize_for_serialization(obj)) if obj is not None else None
 
 
 @api_call
@@ -292,13 +287,8 @@ def _micro_time(t: dt.datetime) -> str:
 
 @api_call
 def read_lease(kube: Kube, namespace: str, name: str = HEARTBEAT_LEASE) -> dict[str, Any] | None:
-    try:
-        obj = kube.coordination.read_namespaced_lease(name, namespace)
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise
-    return dict(kube.api_client.sanitize_for_serialization(obj))
+    obj = or_none(kube.coordination.read_namespaced_lease, name, namespace)
+    return dict(kube.api_client.sanitize_for_serialization(obj)) if obj is not None else None
 
 
 @api_call
@@ -333,13 +323,8 @@ def renew_heartbeat_lease(kube: Kube, namespace: str, holder: str, name: str = H
 @api_call
 def release_heartbeat_lease(kube: Kube, namespace: str, holder: str, name: str = HEARTBEAT_LEASE) -> None:
     """On a clean shutdown: clear the holder, so `meshtls check` says "stopped" at once instead of after 30 s."""
-    try:
-        current = kube.coordination.read_namespaced_lease(name, namespace)
-    except ApiException as exc:
-        if exc.status == 404:
-            return
-        raise
-    if current.spec is None or current.spec.holder_identity != holder:
+    current = or_none(kube.coordination.read_namespaced_lease, name, namespace)
+    if current is None or current.spec is None or current.spec.holder_identity != holder:
         return  # another replica beats now
     kube.coordination.patch_namespaced_lease(name, namespace, {"spec": {"holderIdentity": None}})
 
