@@ -1,0 +1,303 @@
+"""report.md and PNG plots from results.json (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _mark(ok: Any) -> str:
+    return "met" if ok is True else ("**not met**" if ok is False else "n/a")
+
+
+def _f(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def plots(results: dict[str, Any], out: Path) -> list[str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plots", file=sys.stderr)
+        return []
+    made: list[str] = []
+    iss = results.get("issuance") or {}
+    if iss.get("meshtls") and iss.get("floor"):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for label, key, color in (("meshtls operator", "meshtls", "tab:blue"), ("floor (minimal issuer)", "floor",
+                                                                               "tab:gray")):
+            tl = iss[key]["timeline_s"]
+            ax.step([0, *tl], list(range(len(tl) + 1)), where="post", label=f"{label}: "
+                    f"{iss[key]['identities_per_second']} /s", color=color)
+        ax.set_xlabel("seconds since the first create")
+        ax.set_ylabel("identities Ready")
+        ax.set_title(f"Issuance of {iss['meshtls']['identities']} WorkloadIdentities applied at once")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "issuance_timeline.png", dpi=90)
+        plt.close(fig)
+        made.append("issuance_timeline.png")
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        both = iss["meshtls"]["latencies_s"] + iss["floor"]["latencies_s"]
+        bins = 40
+        top = max(both) if both else 1
+        for label, key, color in (("meshtls", "meshtls", "tab:blue"), ("floor", "floor", "tab:gray")):
+            ax.hist(iss[key]["latencies_s"], bins=bins, range=(0, top), alpha=0.6, color=color,
+                    label=f"{label}: p50 {iss[key]['latency_p50_s']:.2f} s, p99 {iss[key]['latency_p99_s']:.2f} s")
+        ax.set_xlabel("creation -> Ready (s)")
+        ax.set_ylabel("identities")
+        ax.set_title("Creation to Ready latency")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "issuance_latency.png", dpi=90)
+        plt.close(fig)
+        made.append("issuance_latency.png")
+
+    rot = (results.get("steady") or {}).get("rotation") or {}
+    if rot.get("first_rotations_per_minute"):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        first = rot["first_rotations_per_minute"]
+        axes[0].bar(range(len(first)), first, color="tab:blue", label="rotations in the minute")
+        axes[0].axhline(rot["average_minute"], color="k", ls="--", label=f"average minute ({rot['average_minute']})")
+        axes[0].axhline(2 * rot["average_minute"], color="tab:red", ls=":", label="goal: 2x average")
+        axes[0].set_title(f"First rotation of {rot['identities']} identities (measured)")
+        axes[0].set_xlabel("minutes after the first issuance")
+        axes[0].set_ylabel("rotations per minute")
+        axes[0].legend(fontsize=8)
+        cur = rot["simulated_24h_current_rule"]
+        prop = rot["simulated_24h_first_renewal_uniform"]
+        axes[1].plot(cur["last_hour_per_minute"], label=f"current rule ({cur['last_hour_ratio']}x)", color="tab:blue")
+        low = rot.get("first_renewal_uniform_from", 0.1)
+        axes[1].plot(prop["last_hour_per_minute"], label=f"first renewal in [{low}, 2/3] ({prop['last_hour_ratio']}x)",
+                     color="tab:green")
+        axes[1].axhline(cur["last_hour_average_minute"], color="k", ls="--", label="average minute")
+        axes[1].set_title("Hour 24 (simulated with the operator's renewal rule)")
+        axes[1].set_xlabel("minute of the hour")
+        axes[1].legend(fontsize=8)
+        for ax in axes:
+            ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "rotation_spread.png", dpi=90)
+        plt.close(fig)
+        made.append("rotation_spread.png")
+
+    dp = results.get("dataplane") or {}
+    if dp.get("cpu_s_per_gib"):
+        names = ["CPU-s per GiB\n(lower is better)", "full handshakes\nper CPU-s",
+                 "handshakes per CPU-s\n(resumption on)",
+                 "RSS per proxy\n(lower is better)", "p99 added\n(lower is better)"]
+        rss_m = max(dp["rss_mb"]["meshtls"].values())
+        rss_n = max(dp["rss_mb"]["nginx"].values())  # RSS vs RSS (nginx: master + worker)
+        p99_n = dp["latency_added_ms"]["nginx"]["p99_ms"]
+        vals = [dp["cpu_s_per_gib"]["meshtls"] / dp["cpu_s_per_gib"]["nginx"],
+                dp["handshakes_per_cpu_s"]["meshtls"] / dp["handshakes_per_cpu_s"]["nginx"],
+                dp["handshakes_per_cpu_s_resumption_on"]["meshtls"] / dp["handshakes_per_cpu_s_resumption_on"]["nginx"],
+                rss_m / rss_n,
+                dp["latency_added_ms"]["meshtls"]["p99_ms"] / p99_n if p99_n > 0 else float("nan")]
+        goals = [1.0, 0.9, None, None, None]
+        fig, ax = plt.subplots(figsize=(9, 4))
+        bars = ax.bar(range(len(vals)), vals, color=["tab:blue"] * len(vals))
+        ax.axhline(1.0, color="k", ls="--", label="nginx = 1")
+        for i, g in enumerate(goals):
+            if g is not None:
+                ax.plot([i - 0.4, i + 0.4], [g, g], color="tab:red", lw=2, label="goal" if i == 0 else None)
+        for b, v in zip(bars, vals, strict=True):
+            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}x", ha="center", va="bottom")
+        ax.set_xticks(range(len(vals)), names, fontsize=8)
+        ax.set_ylabel("meshtls / nginx")
+        ax.set_title("Data plane: meshtls-proxy relative to nginx (stream), same certificates, loopback")
+        ax.legend()
+        ax.grid(alpha=0.3, axis="y")
+        fig.tight_layout()
+        fig.savefig(out / "dataplane_ratios.png", dpi=90)
+        plt.close(fig)
+        made.append("dataplane_ratios.png")
+    return made
+
+
+def markdown(results: dict[str, Any], images: list[str]) -> str:
+    m = results.get("machine", {})
+    k = results.get("knobs", {})
+    lines = [
+        "# meshtls benchmark report",
+        "",
+        f"Run {results.get('started')} on {m.get('cpus')} CPUs ({m.get('cpu_model')}), Python {m.get('python')}, "
+        f"commit {m.get('commit')}"
+        + (f" (operator files changed but not committed: {', '.join(m['operator_changes_not_committed'])})"
+           if m.get("operator_changes_not_committed") else "") + ".",
+        f"Load average at start: {m.get('loadavg_at_start')} (a shared machine: other test runs were using it; "
+        "ratios measured in the same run are the figures to trust).",
+        f"Scale: N={k.get('n')}, steady {k.get('steady_n')}, {k.get('namespaces')} namespaces, {k.get('workers')} "
+        f"client threads{' (SMALL smoke size)' if k.get('small') else ''}. Total {results.get('seconds')} s.",
+        "",
+    ]
+    if results.get("errors"):
+        lines += ["**Errors:** " + "; ".join(f"{s}: {e}" for s, e in results["errors"].items()), ""]
+    iss = results.get("issuance")
+    if iss:
+        mi, fl, su = iss["meshtls"], iss["floor"], iss["summary"]
+        lines += [
+            "## 1. Issuance",
+            "",
+            "| | meshtls | floor (create Secret + patch status only) |",
+            "|---|---|---|",
+            f"| identities Ready / applied | {mi['ready']} / {mi['identities']} | {fl['ready']} / {fl['identities']} |",
+            f"| identities/s (first POST to last Ready) | **{mi['identities_per_second']}** | "
+            f"{fl['identities_per_second']} |",
+            f"| time to create the objects (bench client) | {mi['create_seconds']} s | {fl['create_seconds']} s |",
+            f"| creation -> Ready p50 / p99 | {mi['latency_p50_s']} s / {mi['latency_p99_s']} s | "
+            f"{fl['latency_p50_s']} s / {fl['latency_p99_s']} s |",
+            f"| API writes per identity | **{mi['writes_per_identity']}** | {fl['writes_per_identity']} |",
+            f"| API reads per identity (excl. the GC's owner GETs) | {mi['reads_per_identity']} | "
+            f"{fl['reads_per_identity']} |",
+            f"| issuer CPU per identity | {mi['issuer_cpu_ms_per_identity']} ms | "
+            f"{fl['issuer_cpu_ms_per_identity']} ms |",
+            f"| kube-apiserver + etcd CPU per identity | {mi['control_plane_cpu_ms_per_identity']} ms | "
+            f"{fl['control_plane_cpu_ms_per_identity']} ms |",
+            f"| CPU-bound ceiling on this machine (cores / all CPU per identity) | {mi['cpu_bound_ceiling_per_s']} /s "
+            f"| {fl['cpu_bound_ceiling_per_s']} /s |",
+            f"| issuer peak RSS | {mi['peak_rss_mb'].get('issuer')} MB | {fl['peak_rss_mb'].get('issuer')} MB |",
+            f"| valid Secrets (chain verifies, SPIFFE ID right) | {mi['secrets']['valid']} | "
+            f"{fl['secrets']['valid']} |",
+            f"| machine busy (cores) / load average | {mi['machine']['machine_busy_cores']} / "
+            f"{mi['machine']['loadavg_1m']} | {fl['machine']['machine_busy_cores']} / {fl['machine']['loadavg_1m']} |",
+            "",
+            f"API requests during meshtls issuance: `{json.dumps(mi['api_requests'])}`  ",
+            f"during the floor: `{json.dumps(fl['api_requests'])}`",
+            "",
+            "| goal | result | |",
+            "|---|---|---|",
+            f"| >= 200 identities/s | {su['identities_per_second']} /s | "
+            f"{_mark(su['goals']['rate_at_least_200_per_s'])} |",
+            f"| >= half the floor's rate | {su['ratio_to_floor']}x the floor | "
+            f"{_mark(su['goals']['at_least_half_the_floor'])} |",
+            f"| <= 4 API writes per issuance | {su['writes_per_identity']} | "
+            f"{_mark(su['goals']['at_most_4_writes_per_issuance'])} |",
+            "",
+        ]
+    st = results.get("steady")
+    if st:
+        rot = st.get("rotation") or {}
+        points = ", ".join(f"{p['identities']}: {p['rss_mb']} MB" for p in st["rss_points"])
+        cur = rot.get("simulated_24h_current_rule") or {}
+        prop = rot.get("simulated_24h_first_renewal_uniform") or {}
+        lines += [
+            "## 2. Steady state",
+            "",
+            f"Operator RSS by identities held: {points}. Marginal cost from {results['knobs']['n']} to "
+            f"{st['identities']} (both after a burst of issuance): {st['rss_kb_per_identity']} KiB per identity -> "
+            f"**~{st['rss_mb_at_10000']} MB at 10,000** (a line through the idle operator instead: "
+            f"{st.get('rss_mb_at_10000_through_zero')} MB).",
+            f"Idle CPU with {st['identities']} identities: {st['idle_cpu_cores']} cores over "
+            f"{results['knobs']['idle_seconds']} s. At 10,000 x 1 h: {st['rotation_rate_per_s_at_10000']} "
+            f"rotations/s x "
+            f"{st['cpu_seconds_per_issuance'] * 1000:.1f} ms (section 1's CPU per issuance) + idle scaled = "
+            f"**~{st['projected_cpu_cores_at_10000']} cores**.",
+            "",
+            f"Rotation spread (from status.renewalTime of {rot.get('identities')} identities issued within "
+            f"{rot.get('issued_over_s')} s): the first rotations fall within {rot.get('first_rotation_window_min')} "
+            f"minutes; busiest minute {rot.get('busiest_minute')} vs an average minute of {rot.get('average_minute')} "
+            f"(identities / mean renewal period of {rot.get('mean_period_min')} min) = "
+            f"**{rot.get('busiest_to_average')}x**.",
+            f"Simulated with the operator's renewal rule, hour 24 still peaks at {cur.get('last_hour_ratio')}x; "
+            f"with the "
+            f"first renewal drawn uniformly in [{rot.get('first_renewal_uniform_from')}, 2/3] of the lifetime: "
+            f"{prop.get('last_hour_ratio')}x in hour 24 "
+            f"and a first-cycle busiest minute of {prop.get('first_cycle_busiest_minute')} (vs "
+            f"{cur.get('first_cycle_busiest_minute')}).",
+            "",
+            "| goal | result | |",
+            "|---|---|---|",
+            f"| RSS <= 150 MB at 10,000 | ~{st['rss_mb_at_10000']} MB | "
+            f"{_mark(st['goals']['rss_at_10000_at_most_150_mb'])} |",
+            f"| busiest minute <= 2x the average | {rot.get('busiest_to_average')}x | "
+            f"{_mark(st['goals']['busiest_minute_at_most_2x_average'])} |",
+            "",
+        ]
+    rv = results.get("revocation")
+    if rv:
+        lines += [
+            "## 3. Revocation storm",
+            "",
+            f"{rv['identities']} identities deleted at once ({rv['serials']} serials, {rv['bundles']} bundles; DELETEs "
+            f"sent in {rv['delete_seconds']} s).",
+            "",
+            "| | |",
+            "|---|---|",
+            f"| every serial on every bundle's CRL after | **{rv['seconds_until_every_crl']} s** |",
+            f"| every identity gone (finalizer released) after | {rv['seconds_until_all_identities_gone']} s |",
+            f"| Secrets left behind | {rv['secrets_left']} |",
+            f"| ConfigMap writes (bundles) | {rv['configmap_writes']} "
+            f"({rv['configmap_writes_per_bundle']} per bundle) |",
+            f"| operator CRL publications (meshtls_crl_publications_total) | {rv['crl_publications']:.0f} |",
+            f"| CRL size in a bundle | {rv['crl_pem_bytes']} bytes |",
+            f"| API writes / reads per deleted identity | {rv['writes_per_identity']} / {rv['reads_per_identity']} |",
+            "",
+            f"API requests: `{json.dumps(rv['api_requests'])}`",
+            "",
+        ]
+    dp = results.get("dataplane")
+    if dp:
+        lat, add = dp["latency_ms"], dp["latency_added_ms"]
+        r = dp["ratios"]
+        lines += [
+            "## 4. Data plane: meshtls-proxy vs nginx (stream)",
+            "",
+            f"Client-side proxy (originates mTLS) -> server-side proxy (terminates, verifies the client) -> app, on "
+            f"loopback; best of {dp['rounds']} rounds; CPU of both proxies of a pair.",
+            "",
+            "| | meshtls-proxy | nginx | meshtls / nginx | goal |",
+            "|---|---|---|---|---|",
+            f"| CPU-s per GiB moved ({dp['bytes_per_run'] >> 20} MiB per run) | {dp['cpu_s_per_gib']['meshtls']} | "
+            f"{dp['cpu_s_per_gib']['nginx']} | {r['cpu_per_gib_meshtls_over_nginx']}x | <= 1x: "
+            f"{_mark(dp['goals']['cpu_per_gib_no_worse_than_nginx'])} |",
+            f"| full mTLS handshakes per CPU-s ({dp['handshakes_per_run']} connections) | "
+            f"{dp['handshakes_per_cpu_s']['meshtls']} | {dp['handshakes_per_cpu_s']['nginx']} | "
+            f"{r['handshakes_per_cpu_meshtls_over_nginx']}x | >= 0.9x: "
+            f"{_mark(dp['goals']['handshakes_per_cpu_at_least_0.9x_nginx'])} |",
+            f"| handshakes per CPU-s, resumption on (defaults) | "
+            f"{dp['handshakes_per_cpu_s_resumption_on']['meshtls']} | "
+            f"{dp['handshakes_per_cpu_s_resumption_on']['nginx']} | "
+            f"{r['handshakes_per_cpu_resumption_on_meshtls_over_nginx']}x | |",
+            f"| latency at {dp['latency_rate']} req/s of 1 KiB: p50 / p99 (direct: {lat['direct']['p50']} / "
+            f"{lat['direct']['p99']} ms) | {lat['meshtls']['p50']} / {lat['meshtls']['p99']} ms | "
+            f"{lat['nginx']['p50']} / {lat['nginx']['p99']} ms | | |",
+            f"| latency added p50 / p99 | {add['meshtls']['p50_ms']} / **{add['meshtls']['p99_ms']}** ms | "
+            f"{add['nginx']['p50_ms']} / {add['nginx']['p99_ms']} ms | | p99 < 1 ms: "
+            f"{_mark(dp['goals']['p99_added_under_1ms'])} |",
+            f"| RSS per proxy, client / server side | {dp['rss_mb']['meshtls']['client-side']} / "
+            f"{dp['rss_mb']['meshtls']['server-side']} MB | {dp['rss_mb']['nginx']['client-side']} / "
+            f"{dp['rss_mb']['nginx']['server-side']} MB (master + worker; PSS {dp['pss_mb']['nginx']['client-side']} / "
+            f"{dp['pss_mb']['nginx']['server-side']}) | | <= 40 MB: "
+            f"{_mark(dp['goals']['rss_per_sidecar_at_most_40mb'])} |",
+            "",
+            f"Rounds: CPU-s/GiB {json.dumps(dp['cpu_s_per_gib']['all_rounds'])}; handshakes/CPU-s "
+            f"{json.dumps(dp['handshakes_per_cpu_s']['all_rounds'])}. meshtls counters (full-handshake run): "
+            f"{dp['handshakes_per_cpu_s']['meshtls_counters']}. Machine during the section: {dp['machine']}.",
+            "",
+        ]
+    for img in images:
+        lines.append(f"![{img}]({img})")
+    return "\n".join(lines) + "\n"
+
+
+def write(results: dict[str, Any], out: Path) -> None:
+    images = plots(results, out)
+    (out / "report.md").write_text(markdown(results, images))
+
+
+if __name__ == "__main__":  # re-render: python -m bench.report bench/results/<dir>
+    d = Path(sys.argv[1])
+    write(json.loads((d / "results.json").read_text()), d)
