@@ -332,7 +332,8 @@ class _Tls(_Side):
             return
         self.handshake_done = True
         self._flush()
-        if self.session_key is not None and not self.sslobj.session_reused:
+        if (self.session_key is not None and not self.sslobj.session_reused and self.contexts is not None
+                and self.session_key not in self.contexts.ticketless):
             # A full handshake: the cached session (if any) is stale. TLS 1.2 carries the ticket in the handshake;
             # a TLS 1.3 server sends it right after (our server sidecars always before any application data).
             if self.sslobj.version() == "TLSv1.2":
@@ -380,6 +381,8 @@ class _Tls(_Side):
         session = self.sslobj.session
         if session is not None and session.has_ticket:
             self.contexts.client_sessions[self.session_key or ""] = session
+        else:  # an upstream without tickets (e.g. nginx by default): every further look would only leak
+            self.contexts.ticketless.add(self.session_key or "")
 
     def _read_app(self) -> None:
         sslobj = self.sslobj

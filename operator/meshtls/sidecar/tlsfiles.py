@@ -236,6 +236,8 @@ class TLSContexts:
     crl_check: bool
     generation: int
     client_sessions: dict[str, ssl.SSLSession] = field(default_factory=dict)
+    # upstreams that sent no session ticket: not asked again until the contexts are rebuilt (see _capture_session)
+    ticketless: set[str] = field(default_factory=set)
 
 
 def _base_context(purpose: ssl._SSLMethod, identity: Identity, bundle: Bundle, crl_check: bool) -> ssl.SSLContext:
