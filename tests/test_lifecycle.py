@@ -168,3 +168,39 @@ def test_tracked_serials_keep_only_unexpired(td_ca: CertificateAuthority) -> Non
     issuance = issue_for(identity, td_ca, T0)
     old = [{"serial": "aa", "notAfter": "2026-11-27T11:00:00Z"}, {"serial": "bb", "notAfter": "2026-11-27T13:00:00Z"}]
     assert [e["serial"] for e in tracked_serials(old, issuance, T0)] == ["bb", issuance.serial]
+
+
+def test_off_schedule_issuances_spread_over_the_renewal_period_and_stay_spread() -> None:
+    """1,000 identities created in the same second: over a day of 1 h certificates, the busiest minute of
+    renewals stays under twice the average minute (the thundering-herd goal)."""
+    import collections
+    import random
+
+    rng = random.Random(7)
+    lifetime = dt.timedelta(hours=1)
+    per_minute: collections.Counter[int] = collections.Counter()
+    first: list[float] = []
+    for i in range(1000):
+        issued, on_schedule = T0, False
+        while True:
+            seed = f"{i}-{rng.random()}"
+            due = renewal_time(issued, issued + lifetime, 2 / 3, seed=seed, on_schedule=on_schedule)
+            if due > T0 + dt.timedelta(hours=24):
+                break
+            per_minute[int((due - T0).total_seconds() // 60)] += 1
+            if not on_schedule:
+                first.append((due - issued) / lifetime)
+            issued, on_schedule = due, True
+    minutes = [per_minute[m] for m in range(60, 24 * 60)]  # after the first hour, as a running cluster sees it
+    average = sum(minutes) / len(minutes)
+    assert max(minutes) <= 2 * average, (max(minutes), average)
+    assert 0.1 <= min(first) and max(first) <= 2 / 3  # first renewals between 1/10 and 2/3 of the lifetime
+
+
+def test_only_a_renewal_on_time_keeps_the_narrow_jitter(td_ca: CertificateAuthority) -> None:
+    secret = secret_from(wid(), td_ca, T0)
+    on_time = decide(state(wid(), secret, td_ca, T0 + dt.timedelta(minutes=40)))
+    assert on_time.reason == "RenewalDue" and on_time.on_schedule
+    late = decide(state(wid(), secret, td_ca, T0 + dt.timedelta(minutes=50)))
+    assert late.reason == "RenewalDue" and not late.on_schedule
+    assert not decide(state(wid(), ABSENT, td_ca, T0)).on_schedule

@@ -229,7 +229,7 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any]) -> Non
     if decision.revoke_current:
         await _revoke_current(op, runtime, state, annotations.get(ANNOTATION_REVOKE) or "")
     started = time.perf_counter()
-    issuance = issue_for(identity, runtime.ca, now)
+    issuance = issue_for(identity, runtime.ca, now, on_schedule=decision.on_schedule)
     try:
         await op.kube.run(op.kube.write_secret, secret_body(identity, issuance, _identity_ref(body)), secret)
     except Conflict:

@@ -40,10 +40,12 @@ class Issuance:
         return self.certificate.serial_hex
 
 
-def issue_for(identity: EffectiveIdentity, ca: CertificateAuthority, now: dt.datetime) -> Issuance:
+def issue_for(identity: EffectiveIdentity, ca: CertificateAuthority, now: dt.datetime,
+              on_schedule: bool = True) -> Issuance:
     cert = issue_svid(ca, identity.spiffe_id, now, identity.ttl, identity.spec.dns_names, identity.key_algorithm,
                       backdate=identity.backdate)
-    due = renewal_time(now, cert.not_after, identity.renew_at_fraction, identity.renew_before, seed=cert.serial_hex)
+    due = renewal_time(now, cert.not_after, identity.renew_at_fraction, identity.renew_before, seed=cert.serial_hex,
+                       on_schedule=on_schedule)
     return Issuance(cert, due, now)
 
 

@@ -15,7 +15,7 @@ from meshtls.api.durations import format_duration
 from meshtls.api.model import EffectiveIdentity
 from meshtls.api.objects import SecretSnapshot
 from meshtls.lifecycle.certificate import SecretCertificate, authority_key_id, dns_names_of, read_secret_certificate
-from meshtls.lifecycle.renewal import renewal_time
+from meshtls.lifecycle.renewal import JITTER_FRACTION, renewal_time
 from meshtls.pki import svid_spiffe_id
 
 ANNOTATION_RENEWAL_TIME = "meshtls.dev/renewal-time"
@@ -145,6 +145,14 @@ DEFAULT_CHAIN: tuple[Trigger, ...] = (
 )
 
 
+def _on_time(s: IdentityState) -> bool:
+    """Renewing within 5 % of the lifetime of the due time: the identity keeps its place in the renewal period."""
+    cert = s.certificate().certificate
+    assert cert is not None
+    lifetime = cert.not_valid_after_utc - _issued_at(s)
+    return s.now - secret_renewal_time(s) <= lifetime * JITTER_FRACTION
+
+
 def _issued_at(s: IdentityState) -> dt.datetime:
     cert = s.certificate().certificate
     assert cert is not None
@@ -178,6 +186,7 @@ class Decision:
     message: str
     recheck_at: dt.datetime | None = None
     revoke_current: bool = False
+    on_schedule: bool = False  # a renewal at its due time (not a first issuance, repair, change or late renewal)
 
 
 ISSUE, WAIT, CONFLICT = "issue", "wait", "conflict"
@@ -193,7 +202,8 @@ def decide(state: IdentityState, chain: tuple[Trigger, ...] = DEFAULT_CHAIN) -> 
         fired = trigger(state)
         if fired:
             reason, message = fired
-            return Decision(ISSUE, reason, message, revoke_current=trigger is revocation_requested)
+            return Decision(ISSUE, reason, message, revoke_current=trigger is revocation_requested,
+                            on_schedule=trigger is renewal_due and _on_time(state))
     due = secret_renewal_time(state)
     return Decision(WAIT, "Ready", f"certificate valid; renewal at {due:%Y-%m-%dT%H:%M:%SZ}", recheck_at=due)
 
