@@ -25,6 +25,7 @@ from meshtls.api.constants import (
 )
 from meshtls.api.durations import format_duration
 from meshtls.api.model import EffectiveIdentity, SpecError, parse_workload_identity, resolve_identity
+from meshtls.api.objects import ABSENT
 from meshtls.handlers import metrics
 from meshtls.handlers.scheduler import Key, RenewalScheduler
 from meshtls.handlers.targets import TargetIndex
@@ -179,7 +180,7 @@ async def reconcile(op: Operator, namespace: str, name: str, body: dict[str, Any
         await _reconcile_locked(op, key, body)
 
 
-async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any]) -> None:
+async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any], read_secret: bool = False) -> None:
     namespace, name = key
     status: dict[str, Any] = dict(body.get("status") or {})
     annotations: dict[str, str] = dict(body["metadata"].get("annotations") or {})
@@ -202,7 +203,13 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any]) -> Non
         await _fail(op, body, status, exc.reason, str(exc))
         op.scheduler.schedule(key, op.clock.now() + RETRY_CONFLICT)
         return
-    secret = await op.kube.run(op.kube.read_secret, namespace, spec.secret_name)
+    # A brand-new identity has no Secret yet: create it without reading first. If one exists after all (ours from
+    # before a crash, or a stranger's), the create fails with a conflict and we read and decide again below.
+    never_reconciled = not status.get("serialNumber") and not status.get("conditions")
+    if never_reconciled and not read_secret:
+        secret = ABSENT
+    else:
+        secret = await op.kube.run(op.kube.read_secret, namespace, spec.secret_name)
     now = op.clock.now()
     state = IdentityState(
         identity=identity, uid=body["metadata"]["uid"], annotations=annotations,
@@ -233,8 +240,11 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any]) -> Non
     try:
         await op.kube.run(op.kube.write_secret, secret_body(identity, issuance, _identity_ref(body)), secret)
     except Conflict:
-        # somebody else wrote the Secret since we read it: decide again with what is there now
-        op.scheduler.schedule(key, op.clock.now() + dt.timedelta(seconds=1))
+        # the Secret changed (or exists) since we looked: decide again with what is there now
+        if not secret.exists and not read_secret:
+            await _reconcile_locked(op, key, body, read_secret=True)
+        else:
+            op.scheduler.schedule(key, op.clock.now() + dt.timedelta(seconds=1))
         return
     metrics.issuance_seconds.observe(time.perf_counter() - started)
     reason = event_reason(decision, had_certificate)
