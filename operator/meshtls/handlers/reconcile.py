@@ -7,9 +7,11 @@ a per-identity lock makes those never race each other.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +59,27 @@ MAX_REISSUE_SPREAD = dt.timedelta(minutes=5)
 
 
 @dataclass
+class _HeldLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    users: int = 0
+
+
+@contextlib.asynccontextmanager
+async def identity_lock(op: Operator, key: Key) -> AsyncIterator[None]:
+    """One reconcile per identity at a time; the lock exists only while in use (ten thousand idle identities
+    hold none)."""
+    held = op.locks.setdefault(key, _HeldLock())
+    held.users += 1
+    try:
+        async with held.lock:
+            yield
+    finally:
+        held.users -= 1
+        if held.users == 0:
+            op.locks.pop(key, None)
+
+
+@dataclass
 class Operator:
     """Everything the handlers share, made once at start-up."""
 
@@ -64,7 +87,7 @@ class Operator:
     clock: Clock
     trust: TrustDomains
     scheduler: RenewalScheduler = field(init=False)
-    locks: dict[Key, asyncio.Lock] = field(default_factory=dict)
+    locks: dict[Key, _HeldLock] = field(default_factory=dict)  # only while someone holds or waits for one
     targets: TargetIndex = field(default_factory=TargetIndex)  # identities with a sidecar, for the webhook
     rendered: dict[Key, str] = field(default_factory=dict)  # sidecar config last written, per identity
     handled: dict[Key, tuple[Any, ...]] = field(default_factory=dict)  # last event fingerprint reconciled
@@ -170,8 +193,7 @@ async def on_identity_event(op: Operator, event_type: str, body: dict[str, Any])
 
 async def reconcile(op: Operator, namespace: str, name: str, body: dict[str, Any] | None = None) -> None:
     key = (namespace, name)
-    lock = op.locks.setdefault(key, asyncio.Lock())
-    async with lock:
+    async with identity_lock(op, key):
         if body is None:
             body = await op.kube.run(op.kube.get_workload_identity, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
@@ -358,8 +380,7 @@ async def revoke_on_delete(op: Operator, body: dict[str, Any]) -> None:
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     key = (namespace, name)
     op.scheduler.forget(key)
-    lock = op.locks.setdefault(key, asyncio.Lock())
-    async with lock:
+    async with identity_lock(op, key):
         status = dict(body.get("status") or {})
         spec_td = (body.get("spec") or {}).get("trustDomain") or status.get("trustDomain")
         secret_name = (body.get("spec") or {}).get("secretName") or f"{name}-mtls"
@@ -398,4 +419,3 @@ async def revoke_on_delete(op: Operator, body: dict[str, Any]) -> None:
         metrics.forget_identity(namespace, name, str(status.get("spiffeID", "")))
         op.rendered.pop(key, None)
         op.targets.remove(namespace, name)
-    op.locks.pop(key, None)
