@@ -78,3 +78,32 @@ def test_durations() -> None:
     for bad in ("", "1", "h", "1y", "-1h", "1.5h"):
         with pytest.raises(PKIError):
             parse_duration(bad, "x")
+
+
+def test_names_that_would_make_invalid_objects_are_refused_naming_the_field() -> None:
+    with pytest.raises(SpecError) as err:
+        parse_trust_domain({"metadata": {"name": "a" * 64}, "spec": {}})
+    assert err.value.field == "metadata.name" and "63" in err.value.message
+    long_name = "w" * 250
+    with pytest.raises(SpecError) as err:
+        parse_workload_identity({"metadata": {"namespace": "shop", "name": long_name}, "spec": {
+            "serviceAccountName": "web"}})
+    assert err.value.field == "spec.secretName"
+    assert parse_workload_identity({"metadata": {"namespace": "shop", "name": long_name}, "spec": {
+        "serviceAccountName": "web", "secretName": "short"}}).secret_name == "short"
+    with pytest.raises(SpecError) as err:
+        parse_workload_identity({"metadata": {"namespace": "shop", "name": "x" * 245}, "spec": {
+            "serviceAccountName": "web", "secretName": "short", "inbound": [{"port": 1, "appPort": 2}]}})
+    assert err.value.field == "metadata.name"
+
+
+def test_a_replica_stands_by_only_for_a_live_peer_with_a_higher_priority() -> None:
+    from meshtls.lifecycle.peering import outranked_by_live_peer
+
+    now = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
+    fresh, stale = (now - dt.timedelta(seconds=5)).isoformat(), (now - dt.timedelta(seconds=90)).isoformat()
+    assert outranked_by_live_peer({"a": {"priority": 200, "lifetime": 60, "lastseen": fresh}}, 100, now)
+    assert not outranked_by_live_peer({"a": {"priority": 200, "lifetime": 60, "lastseen": stale}}, 100, now)
+    assert not outranked_by_live_peer({"me": {"priority": 100, "lifetime": 60, "lastseen": fresh}}, 100, now)
+    assert not outranked_by_live_peer({"a": {"priority": 50, "lifetime": 60, "lastseen": fresh}}, 100, now)
+    assert not outranked_by_live_peer({"junk": "x", "b": {"priority": "high"}}, 100, now)

@@ -29,6 +29,9 @@ DEFAULT_BACKDATE = dt.timedelta(seconds=60)
 DEFAULT_CRL_VALIDITY = dt.timedelta(hours=24)
 DEFAULT_PROPAGATION_DELAY = dt.timedelta(seconds=90)  # kubelets refresh mounted ConfigMaps within ~60-90 s
 
+MAX_LABEL_VALUE = 63
+MAX_OBJECT_NAME = 253
+SIDECAR_CONFIG_SUFFIX = "-meshtls-proxy"  # sidecar.target.sidecar_configmap_name (api may not import sidecar)
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 
@@ -100,6 +103,9 @@ def parse_trust_domain(body: Mapping[str, Any]) -> TrustDomainSpec:
         validate_trust_domain(name, "metadata.name")
     except PKIError as exc:
         raise SpecError(exc.field, exc.message) from None
+    if len(name) > MAX_LABEL_VALUE:
+        raise SpecError("metadata.name", f"may have at most {MAX_LABEL_VALUE} characters: meshtls labels its Secrets "
+                                         "and ConfigMaps with the trust domain")
     spec = _get(body, "spec") or {}
     ca = spec.get("ca") or {}
     certs = spec.get("certificates") or {}
@@ -221,6 +227,13 @@ def parse_workload_identity(body: Mapping[str, Any]) -> WorkloadIdentitySpec:
             validate_trust_domain(str(td), "spec.trustDomain")
         except PKIError as exc:
             raise SpecError(exc.field, exc.message) from None
+    secret_name = str(spec.get("secretName") or f"{name}-mtls")
+    if len(secret_name) > MAX_OBJECT_NAME:
+        raise SpecError("spec.secretName", f"the Secret name {secret_name[:40]}... would have {len(secret_name)} "
+                                           f"characters (at most {MAX_OBJECT_NAME}): set a shorter spec.secretName")
+    if (spec.get("inbound") or spec.get("outbound")) and len(name + SIDECAR_CONFIG_SUFFIX) > MAX_OBJECT_NAME:
+        raise SpecError("metadata.name", f"the sidecar ConfigMap {name[:40]}...{SIDECAR_CONFIG_SUFFIX} would exceed "
+                                         f"{MAX_OBJECT_NAME} characters: use a shorter name")
     return WorkloadIdentitySpec(
         namespace=namespace,
         name=name,
@@ -232,7 +245,7 @@ def parse_workload_identity(body: Mapping[str, Any]) -> WorkloadIdentitySpec:
         renew_at_percent=float(percent) if percent is not None else None,
         key_algorithm=_algorithm(spec.get("keyAlgorithm"), "spec.keyAlgorithm", DEFAULT_KEY_ALGORITHM)
         if spec.get("keyAlgorithm") else None,
-        secret_name=str(spec.get("secretName") or f"{name}-mtls"),
+        secret_name=secret_name,
         pod_selector=dict(_get(spec, "podSelector", "matchLabels") or {}),
         inbound=tuple(InboundPort(int(p["port"]), int(p["appPort"])) for p in spec.get("inbound") or ()),
         outbound=tuple(OutboundUpstream(int(u["listenPort"]), str(u["address"]), str(u["peer"]))

@@ -21,7 +21,7 @@ from meshtls.api.constants import (
     WORKLOAD_IDENTITIES,
 )
 from meshtls.handlers import metrics
-from meshtls.handlers.reconcile import Operator, on_identity_event, reconcile_trust_domain
+from meshtls.handlers.reconcile import Operator, follow_peering, on_identity_event, reconcile_trust_domain
 from meshtls.handlers.settings import OPTIONS
 from meshtls.handlers.trust import TrustDomains
 from meshtls.kube import connect
@@ -58,12 +58,16 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     op = Operator(kube=kube, clock=clock, trust=TrustDomains(kube, clock, OPTIONS.operator_namespace))
     memo.op = op
     memo.scheduler_task = asyncio.create_task(op.scheduler.run())
+    if OPTIONS.peering:
+        memo.peering_task = asyncio.create_task(follow_peering(op, OPTIONS.peering, OPTIONS.priority,
+                                                               OPTIONS.namespaces))
     # a Lease renewed every 10 s: `meshtls check` tells a live operator from a dead one without reaching its pod
     memo.heartbeat_task = asyncio.create_task(run_heartbeat(kube, OPTIONS.operator_namespace, default_holder()))
     if OPTIONS.webhook_port:
         from meshtls.handlers.webhook import InjectionWebhook  # aiohttp's server only when the webhook is on
 
-        webhook = InjectionWebhook(kube, op.targets, OPTIONS, InjectionOptions(image=OPTIONS.sidecar_image))
+        webhook = InjectionWebhook(kube, op.targets, OPTIONS, InjectionOptions(image=OPTIONS.sidecar_image),
+                                   paused=lambda: op.paused)
         await webhook.start(clock)
         memo.webhook = webhook
     if OPTIONS.metrics_port:
@@ -74,9 +78,10 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    task = memo.get("scheduler_task")
-    if task is not None:
-        task.cancel()
+    for name in ("scheduler_task", "peering_task"):
+        task = memo.get(name)
+        if task is not None:
+            task.cancel()
     heartbeat = memo.get("heartbeat_task")
     if heartbeat is not None:
         heartbeat.cancel()

@@ -11,7 +11,7 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +33,7 @@ from meshtls.handlers.scheduler import Key, RenewalScheduler
 from meshtls.handlers.targets import TargetIndex
 from meshtls.handlers.trust import TrustDomainError, TrustDomainRuntime, TrustDomains
 from meshtls.kube import Conflict, Kube
+from meshtls.kube.client import ApiError
 from meshtls.lifecycle.ca_rotation import reissue_delay
 from meshtls.lifecycle.clock import Clock
 from meshtls.lifecycle.issuance import (
@@ -44,6 +45,7 @@ from meshtls.lifecycle.issuance import (
     merge_conditions,
     secret_body,
 )
+from meshtls.lifecycle.peering import outranked_by_live_peer
 from meshtls.lifecycle.triggers import CONFLICT, ISSUE, IdentityState, decide, event_reason, secret_renewal_time
 from meshtls.pki import RevocationReason, RevokedCertificate, load_certificates
 from meshtls.sidecar.config import CONFIG_FILE
@@ -56,6 +58,8 @@ RETRY_CONFLICT = dt.timedelta(seconds=30)
 RETRY_ERROR = dt.timedelta(seconds=5)
 TRUST_DOMAIN_KEY = ""  # scheduler keys ("", name) are trust domains: no namespace is empty
 MAX_REISSUE_SPREAD = dt.timedelta(minutes=5)
+PAUSED_RECHECK = dt.timedelta(seconds=5)
+PEERING_POLL = 2.0  # seconds
 
 
 @dataclass
@@ -91,11 +95,16 @@ class Operator:
     targets: TargetIndex = field(default_factory=TargetIndex)  # identities with a sidecar, for the webhook
     rendered: dict[Key, str] = field(default_factory=dict)  # sidecar config last written, per identity
     handled: dict[Key, tuple[Any, ...]] = field(default_factory=dict)  # last event fingerprint reconciled
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+    paused: bool = False  # kopf peering: a live peer with a higher priority acts instead of this replica
 
     def __post_init__(self) -> None:
         self.scheduler = RenewalScheduler(self.clock, self.reconcile_key)
 
     async def reconcile_key(self, key: Key) -> None:
+        if self.paused:  # a peer with a higher priority acts; look again later, it may be gone by then
+            self.scheduler.schedule(key, self.clock.now() + PAUSED_RECHECK)
+            return
         if key[0] == TRUST_DOMAIN_KEY:  # a trust domain's CA rotation timer shares the heap
             result = await self.trust.advance(key[1])
             if result is not None:
@@ -146,6 +155,24 @@ async def after_trust_domain_change(op: Operator, runtime: TrustDomainRuntime, c
         op.scheduler.schedule((TRUST_DOMAIN_KEY, runtime.name), next_check)
 
 
+async def follow_peering(op: Operator, name: str, priority: int, namespaces: list[str]) -> None:
+    """Keep `op.paused` in step with kopf's peering: kopf pauses only its own watchers, not meshtls's timers."""
+    while True:
+        try:
+            now = op.clock.now()
+            scopes: list[str | None] = list(namespaces) if namespaces else [None]  # None: the ClusterKopfPeering
+            statuses = [await op.kube.run(op.kube.read_peering_status, name, ns) for ns in scopes]
+            paused = any(outranked_by_live_peer(status, priority, now) for status in statuses)
+            if paused != op.paused:
+                log.info("peering %s: %s", name, "standing by for a higher-priority peer" if paused else "acting")
+                op.paused = paused
+                if not paused:
+                    op.handled.clear()  # kopf re-lists on resume: reconcile everything once
+        except Exception as exc:
+            log.warning("reading peering %s failed: %s", name, exc)
+        await asyncio.sleep(PEERING_POLL)
+
+
 def _identity_ref(body: dict[str, Any]) -> dict[str, Any]:
     meta = body["metadata"]
     return {"apiVersion": body.get("apiVersion", API_VERSION), "kind": body.get("kind", KIND_WORKLOAD_IDENTITY),
@@ -173,8 +200,13 @@ async def on_identity_event(op: Operator, event_type: str, body: dict[str, Any])
         return
     if meta.get("deletionTimestamp"):
         if FINALIZER in finalizers:
-            await revoke_on_delete(op, body)
-            await op.kube.run(op.kube.remove_workload_identity_finalizer, key[0], key[1], FINALIZER, finalizers)
+            try:
+                await revoke_on_delete(op, body)
+                await op.kube.run(op.kube.remove_workload_identity_finalizer, key[0], key[1], FINALIZER, finalizers)
+            except Exception as exc:  # kopf does not retry event handlers: try again with a fresh read
+                log.warning("revoking %s/%s on deletion failed (%s); retrying in %.0f s", *key, exc,
+                            RETRY_ERROR.total_seconds())
+                _later(op, RETRY_ERROR, _retry_deletion(op, key))
         return
     fingerprint = _event_fingerprint(meta)
     if op.handled.get(key) == fingerprint and FINALIZER in finalizers:
@@ -189,6 +221,22 @@ async def on_identity_event(op: Operator, event_type: str, body: dict[str, Any])
         op.handled.pop(key, None)
         log.warning("reconciling %s/%s failed (%s); retrying in %.0f s", *key, exc, RETRY_ERROR.total_seconds())
         op.scheduler.schedule(key, op.clock.now() + RETRY_ERROR)
+
+
+def _later(op: Operator, delay: dt.timedelta, work: Coroutine[Any, Any, None]) -> None:
+    async def run() -> None:
+        await asyncio.sleep(delay.total_seconds())
+        await work
+
+    task = asyncio.create_task(run())
+    op.background.add(task)
+    task.add_done_callback(op.background.discard)
+
+
+async def _retry_deletion(op: Operator, key: Key) -> None:
+    body = await op.kube.run(op.kube.get_workload_identity, *key)
+    if body is not None:
+        await on_identity_event(op, "MODIFIED", body)
 
 
 async def reconcile(op: Operator, namespace: str, name: str, body: dict[str, Any] | None = None) -> None:
@@ -261,6 +309,13 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any], read_s
     issuance = issue_for(identity, runtime.ca, now, on_schedule=decision.on_schedule)
     try:
         await op.kube.run(op.kube.write_secret, secret_body(identity, issuance, _identity_ref(body)), secret)
+    except ApiError as exc:
+        if exc.status != 422:
+            raise
+        # the API server refuses the Secret itself (a name or label it cannot take): retrying cannot help
+        await _fail(op, body, status, "InvalidSecret", f"the API server refused Secret {spec.secret_name}: {exc}")
+        op.scheduler.schedule(key, op.clock.now() + RETRY_INVALID)
+        return
     except Conflict:
         # the Secret changed (or exists) since we looked: decide again with what is there now
         if not secret.exists and not read_secret:

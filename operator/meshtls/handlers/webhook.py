@@ -160,11 +160,12 @@ async def _healthz(_: web.Request) -> web.Response:
 
 class InjectionWebhook:
     def __init__(self, kube: Kube, index: TargetIndex, options: OperatorOptions,
-                 injection: InjectionOptions) -> None:
+                 injection: InjectionOptions, paused: Callable[[], bool] = lambda: False) -> None:
         self.kube = kube
         self.index = index
         self.options = options
         self.injection = injection
+        self.paused = paused  # a standing-by replica's index is stale: ask the API
         self.runner: web.AppRunner | None = None
         self._events: set[asyncio.Task[None]] = set()
 
@@ -218,7 +219,7 @@ class InjectionWebhook:
         body = await request.read()
         lookup: Callable[[str, str, Mapping[str, str]], list[InjectionTarget]] = self.index.lookup
         wanted = _pod_service_account(body)
-        if wanted is not None and not self.index.lookup(*wanted, {}):
+        if wanted is not None and (self.paused() or not self.index.lookup(*wanted, {})):
             # A miss in memory: this replica may be a paused peer (it watches nothing) or just started.
             # Ask the API rather than admit the pod without its sidecar.
             try:

@@ -176,6 +176,15 @@ class Kube:
             if exc.status != 404:
                 raise
 
+    @api_call
+    def read_peering_status(self, name: str, namespace: str | None) -> dict[str, Any]:
+        """The status (peer -> priority, lifetime, lastseen) of kopf's peering object, {} when absent."""
+        if namespace is None:
+            obj = or_none(self.custom.get_cluster_custom_object, "kopf.dev", "v1", "clusterkopfpeerings", name)
+        else:
+            obj = or_none(self.custom.get_namespaced_custom_object, "kopf.dev", "v1", namespace, "kopfpeerings", name)
+        return dict((obj or {}).get("status") or {})
+
     # --- TrustDomains ------------------------------------------------------------------------------------------
 
     @api_call
