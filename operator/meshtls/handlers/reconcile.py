@@ -296,6 +296,11 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any], read_s
             # status lags the Secret (operator restarted mid-write, or recovered from an error): catch it up
             await op.kube.run(op.kube.patch_workload_identity_status, namespace, name, _status_from_secret(
                 status, state, decision.message, now))
+            serial, previous = state.certificate().serial, status.get("serialNumber")
+            if serial != previous:  # the operator died between the Secret and its Event: nobody was told yet
+                reason = "Rotated" if previous else "Issued"
+                await op.post_event(body, "Normal", reason, f"serial {previous or '-'} -> {serial} (recorded after an "
+                                                            "operator restart)")
         assert decision.recheck_at is not None
         _record_metrics(namespace, name, str(identity.spiffe_id), state, decision.recheck_at)
         op.scheduler.schedule(key, decision.recheck_at)
