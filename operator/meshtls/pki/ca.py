@@ -128,14 +128,19 @@ def _leaf_key_usage(key_encipherment: bool) -> x509.KeyUsage:
     )
 
 
-def is_self_signed(cert: x509.Certificate) -> bool:
-    if cert.issuer != cert.subject:
+def signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
+    """Whether `parent` issued `child`: names chain and the signature verifies."""
+    if child.issuer != parent.subject:
         return False
     try:
-        cert.verify_directly_issued_by(cert)
+        child.verify_directly_issued_by(parent)
     except Exception:
         return False
     return True
+
+
+def is_self_signed(cert: x509.Certificate) -> bool:
+    return signed_by(cert, cert)
 
 
 def generate_ca(

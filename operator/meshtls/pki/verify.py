@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
+from meshtls.pki.ca import signed_by
 from meshtls.pki.errors import PKIError
 from meshtls.pki.spiffe import SpiffeId, parse_spiffe_id
 
@@ -44,16 +45,6 @@ def _is_ca(cert: x509.Certificate) -> bool:
         return False
 
 
-def _signed_by(child: x509.Certificate, parent: x509.Certificate) -> bool:
-    if child.issuer != parent.subject:
-        return False
-    try:
-        child.verify_directly_issued_by(parent)
-    except Exception:
-        return False
-    return True
-
-
 def verify_svid(
     chain: list[x509.Certificate],
     roots: list[x509.Certificate],
@@ -79,7 +70,7 @@ def verify_svid(
                 return Verification(spiffe_id, f"certificate {_serial(cert)} expired at {cert.not_valid_after_utc}")
             if cert.not_valid_before_utc > now:
                 return Verification(spiffe_id, f"certificate {_serial(cert)} is not valid yet")
-        anchor = next((r for r in roots if _signed_by(current, r)), None)
+        anchor = next((r for r in roots if signed_by(current, r)), None)
         if anchor is not None:
             if anchor.not_valid_after_utc <= now:
                 return Verification(spiffe_id, "trust anchor expired")
@@ -87,7 +78,7 @@ def verify_svid(
             break
         if len(path) >= MAX_CHAIN_DEPTH:
             return Verification(spiffe_id, "chain too long")
-        parent = next((c for c in extra if _signed_by(current, c) and _is_ca(c)), None)
+        parent = next((c for c in extra if signed_by(current, c) and _is_ca(c)), None)
         if parent is None:
             return Verification(spiffe_id, "no path to a trusted root (unknown CA)")
         if parent.fingerprint(hashes.SHA256()) in root_fps:
