@@ -64,7 +64,10 @@ def identities_table(items: list[dict[str, Any]]) -> Table:
 
 
 def events_panel(lines: list[str]) -> Panel:
-    text = Text("\n").join(Text.from_markup(line, overflow="ellipsis", no_wrap=True) for line in lines[-10:])
+    rows = [Text.from_markup(line, overflow="ellipsis") for line in lines[-10:]]
+    for row in rows:
+        row.no_wrap = True
+    text = Text("\n").join(rows)
     return Panel(text or Text("(waiting for events)"), title="Events (kubectl get events -w)", border_style="dim")
 
 
@@ -93,6 +96,9 @@ def main() -> int:
         operator.start()
         step("applying examples/: a TrustDomain with 30 s certificates, three identities, two pods")
         for manifest in sorted((REPO / "examples").glob("*.yaml")):
+            if manifest.name.startswith("30-"):  # pods after their identities exist, as a user would
+                cluster.kubectl("wait", "--for=condition=Ready", "workloadidentity", "--all", "-n", NAMESPACE,
+                                "--timeout=60s")
             cluster.kubectl("apply", "-f", str(manifest))
             console.print(f"    kubectl apply -f examples/{manifest.name}", style="dim")
         api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
