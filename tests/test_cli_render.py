@@ -306,8 +306,9 @@ def test_check_identity(td_ca: CertificateAuthority, svid: IssuedCertificate,
                         other_svid: IssuedCertificate) -> None:
     body = identity(serial=svid.serial_hex)
     bundle = bundle_of(td_ca)
-    assert checks.check_identity(body, secret_of(svid), NOW, bundle) is None
-    not_ready = checks.check_identity(identity(ready=False, serial=svid.serial_hex), secret_of(svid), NOW, bundle)
+    assert checks.check_identity(body, secret_of(svid), NOW, "shop/meshtls-bundle", bundle) is None
+    not_ready = checks.check_identity(identity(ready=False, serial=svid.serial_hex), secret_of(svid), NOW,
+                                      "shop/meshtls-bundle", bundle)
     assert not_ready is not None and "not Ready (SecretConflict" in not_ready.message
     assert "does not exist" in str(checks.check_identity(body, SecretSnapshot(exists=False), NOW))
     mismatch = checks.check_identity(identity(serial="ffff"), secret_of(svid), NOW)
@@ -318,8 +319,9 @@ def test_check_identity(td_ca: CertificateAuthority, svid: IssuedCertificate,
     assert garbage is not None and garbage.message.startswith("Secret web-mtls is unusable: tls.key")
     expired = checks.check_identity(body, secret_of(svid), NOW + dt.timedelta(hours=2))
     assert expired is not None and "expired" in expired.message
-    revoked = checks.check_identity(body, secret_of(svid), NOW, bundle_of(td_ca, [svid.serial_number]))
-    assert revoked is not None and "refused by the namespace's bundle" in revoked.message
+    revoked = checks.check_identity(body, secret_of(svid), NOW, "shop/meshtls-bundle",
+                                    bundle_of(td_ca, [svid.serial_number]))
+    assert revoked is not None and "bundle shop/meshtls-bundle does not verify" in revoked.message
     assert "is revoked" in revoked.message
     foreign = SecretSnapshot(exists=True, name="web-mtls", data=secret_of(svid).data)
     assert "not owned" in str(checks.check_identity(body, foreign, NOW))

@@ -1,6 +1,6 @@
 """`meshtls check`'s verdicts: each takes what was read from the cluster and a `now`, and returns one CheckResult.
 
-Pure (no API calls), so every verdict is tested with sample bodies; `cluster_commands.check` does the reading.
+Pure (no API calls), so every verdict is tested with sample bodies; `cluster_ops.check` does the reading.
 """
 
 from __future__ import annotations
@@ -19,10 +19,14 @@ from meshtls.api.objects import SecretSnapshot
 from meshtls.cli.render import CheckResult, condition, human_duration, iso, parse_time
 from meshtls.lifecycle.certificate import read_secret_certificate
 from meshtls.pki import PKIError, crl_number, fingerprint_sha256, format_serial, load_certificates, load_crls
+from meshtls.pki.ca import signed_by
 from meshtls.pki.verify import verify_svid
 
 CRD_NAMES = (f"{TRUST_DOMAINS}.{GROUP}", f"{WORKLOAD_IDENTITIES}.{GROUP}")
 CLOCK_TOLERANCE = dt.timedelta(seconds=30)
+# check_identity's reason when the Secret holds another serial than the status names: mid-rotation the Secret is
+# written a moment before the status, so the caller looks once more before reporting it
+SECRET_AHEAD_OF_STATUS = "SecretAheadOfStatus"
 WEBHOOK_MIN_VALIDITY = dt.timedelta(days=30)
 
 
@@ -268,9 +272,10 @@ def bundle_material(
 
 
 def check_identity(body: Mapping[str, Any], secret: SecretSnapshot | None, now: dt.datetime,
-                   bundle: Mapping[str, Any] | None = None) -> CheckResult | None:
-    """Ready; its Secret's leaf is status.serialNumber, unexpired, with the matching key; and (when the bundle
-    is known) accepted by the namespace's bundle and CRL. None when all is well (the caller summarises)."""
+                   bundle_name: str | None = None, bundle: Mapping[str, Any] | None = None) -> CheckResult | None:
+    """Ready; its Secret's leaf is status.serialNumber, unexpired, with the matching key; and, when `bundle_name`
+    is given, its chain verifies against that bundle ConfigMap (`bundle`, None when it does not exist) as a sidecar
+    would verify it. None when all is well (the caller summarises)."""
     meta = body.get("metadata") or {}
     title = f"WorkloadIdentity {meta.get('namespace')}/{meta.get('name')}"
     ready = condition(body, "Ready")
@@ -290,18 +295,54 @@ def check_identity(body: Mapping[str, Any], secret: SecretSnapshot | None, now: 
     leaf = parsed.certificate
     serial = format_serial(leaf.serial_number)
     if serial != status.get("serialNumber"):
-        return fail(title, f"Secret {secret_name} holds serial {serial}, status.serialNumber is "
-                           f"{status.get('serialNumber')}")
+        return CheckResult(title, "fail", f"Secret {secret_name} holds serial {serial}, status.serialNumber is "
+                                          f"{status.get('serialNumber')}", SECRET_AHEAD_OF_STATUS)
     if leaf.not_valid_after_utc <= now:
         return fail(title, f"certificate {serial} in Secret {secret_name} expired at {iso(leaf.not_valid_after_utc)}")
-    if bundle is not None:
-        roots, crls = bundle_material(bundle)
-        if roots:
-            chain = load_certificates(secret.data["tls.crt"], "tls.crt")
-            verdict = verify_svid(chain, roots, now, crls)
-            if not verdict.ok:
-                return fail(title, f"certificate {serial} is refused by the namespace's bundle: {verdict.reason}")
+    if bundle_name is not None:
+        data = (bundle or {}).get("data") or {}
+        why = bundle_refusal(secret.data["tls.crt"], None if bundle is None else str(data.get("ca.crt") or ""),
+                             str(data.get("crl.pem") or ""), now)
+        if why is not None:
+            return fail(title, f"bundle {bundle_name} does not verify certificate {serial} (Secret {secret_name}): "
+                               f"{why}")
     return None
+
+
+def bundle_refusal(chain_pem: bytes | str, ca_pem: bytes | str | None, crl_pem: bytes | str | None,
+                   now: dt.datetime) -> str | None:
+    """Why a trust bundle (its `ca.crt` and `crl.pem`; `ca_pem` None: there is no bundle) refuses a `tls.crt`
+    chain, judged as a sidecar judges a peer: a path to one of its roots, every certificate in date, the leaf not
+    on its issuer's CRL. None when the bundle accepts the chain."""
+    if ca_pem is None:
+        return "the bundle does not exist: sidecars there have no trust anchors"
+    text = ca_pem if isinstance(ca_pem, bytes) else ca_pem.encode()
+    try:
+        roots = load_certificates(text, "ca.crt")
+    except PKIError:
+        return "its ca.crt holds no certificate"
+    try:
+        chain = load_certificates(chain_pem if isinstance(chain_pem, bytes) else chain_pem.encode(), "tls.crt")
+    except PKIError as exc:
+        return f"tls.crt does not parse: {exc.message}"
+    crl_text = crl_pem if isinstance(crl_pem, bytes) else (crl_pem or "").encode()
+    try:
+        crls = load_crls(crl_text, "crl.pem") if crl_text.strip() else []
+    except PKIError:
+        return "its crl.pem does not parse (sidecars refuse such a bundle)"
+    for crl in crls:  # as the sidecar loads a bundle: a root's CRL must verify with that root
+        for root in roots:
+            if root.subject == crl.issuer and not crl.is_signature_valid(root.public_key()):  # type: ignore[arg-type]
+                return (f"its crl.pem holds a CRL for {crl.issuer.rfc4514_string()} whose signature does not verify "
+                        "(sidecars refuse such a bundle)")
+    verdict = verify_svid(chain, roots, now, crls)
+    if verdict.ok:
+        return None
+    if not any(signed_by(cert, root) for cert in chain for root in roots):
+        issuer = chain[-1].issuer.rfc4514_string()
+        held = ", ".join(sorted({r.subject.rfc4514_string() for r in roots}))
+        return f"{verdict.reason}: it holds {len(roots)} root(s) ({held}), none of them the issuer {issuer}"
+    return verdict.reason
 
 
 # --- bundles -------------------------------------------------------------------------------------------------------

@@ -632,39 +632,47 @@ def _check_identities_and_bundles(kube: Kube, namespace: str | None, checks: _Ch
     bodies = [b for b in kube.list_workload_identities(namespace)
               if not b["metadata"].get("deletionTimestamp") and phases.get(b["metadata"]["namespace"]) == "Active"]
     secrets = list_managed_secrets(kube, namespace)
-    bundles = list_bundle_configmaps(kube, namespace)
+    bundles: dict[tuple[str, str], dict[str, Any] | None] = dict(list_bundle_configmaps(kube, namespace))
+
+    def bundle_of(ns: str, cm: str) -> dict[str, Any] | None:
+        if (ns, cm) not in bundles:  # not labelled as a bundle (overwritten by someone?): read what is there
+            bundles[(ns, cm)] = kube.read_configmap(ns, cm)
+        return bundles[(ns, cm)]
+
     only_td = next(iter(cas)) if len(cas) == 1 else None
     failures: list[CheckResult] = []
-    wanted: dict[tuple[str, str], str] = {}  # (namespace, bundle ConfigMap) -> trust domain
+    wanted: dict[tuple[str, str], set[str]] = {}  # (namespace, bundle ConfigMap) -> the trust domains it serves
     for body in sorted(bodies, key=_key):
         ns, name = _key(body)
         td = str((body.get("status") or {}).get("trustDomain") or (body.get("spec") or {}).get("trustDomain")
                  or only_td or "")
         bundle_name = cas[td][2] if td in cas else DEFAULT_BUNDLE_CONFIGMAP
         if td:
-            wanted[(ns, bundle_name)] = td
+            wanted.setdefault((ns, bundle_name), set()).add(td)
         secret = secrets.get((ns, _secret_name(body)))
         if secret is None:  # not labelled as ours (tampered, or foreign): read it to say what is there
             secret = kube.read_secret(ns, _secret_name(body))
-        verdict = verdicts.check_identity(body, secret, _now(), bundles.get((ns, bundle_name)))
-        if verdict is not None and "holds serial" in verdict.message:
+        verdict = verdicts.check_identity(body, secret, _now(), f"{ns}/{bundle_name}", bundle_of(ns, bundle_name))
+        if verdict is not None and verdict.reason == verdicts.SECRET_AHEAD_OF_STATUS:
             # mid-rotation the Secret is written a moment before the status: look again before failing
             time.sleep(1)
             again = kube.get_workload_identity(ns, name)
             if again is not None:
                 verdict = verdicts.check_identity(again, kube.read_secret(ns, _secret_name(again)), _now(),
-                                                  kube.read_configmap(ns, bundle_name))
+                                                  f"{ns}/{bundle_name}", kube.read_configmap(ns, bundle_name))
         if verdict is not None:
             failures.append(verdict)
     checks.add(*verdicts.summarise("WorkloadIdentities", len(bodies), failures,
-                                   "Ready, Secrets match status.serialNumber and their keys, accepted by the bundle"))
+                                   "Ready, Secrets match status.serialNumber and their keys, chains verify against "
+                                   "their bundle"))
     bundle_failures: list[CheckResult] = []
-    for (ns, cm), td in sorted(wanted.items()):
+    pairs = sorted((ns, cm, td) for (ns, cm), tds in wanted.items() for td in tds)
+    for ns, cm, td in pairs:
         ca, fingerprint, _ = cas.get(td, (None, None, cm))
-        verdict = verdicts.check_bundle(ns, cm, bundles.get((ns, cm)), td, ca, fingerprint, _now())
+        verdict = verdicts.check_bundle(ns, cm, bundle_of(ns, cm), td, ca, fingerprint, _now())
         if verdict is not None:
             bundle_failures.append(verdict)
-    checks.add(*verdicts.summarise("bundles", len(wanted), bundle_failures,
+    checks.add(*verdicts.summarise("bundles", len(pairs), bundle_failures,
                                    "present, CRL current and signed by the CA, ca.crt holds the CA"))
 
 

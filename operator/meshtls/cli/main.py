@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from meshtls import __version__
+from meshtls.cli.ca_commands import add_ca_commands
 from meshtls.cli.cluster_commands import add_cluster_commands
 from meshtls.cli.errors import CommandFailed, Parser, UsageError
 from meshtls.cli.operator_command import add_operator_command
@@ -19,6 +20,7 @@ def build_parser() -> Parser:
     add_pki_commands(sub)
     add_operator_command(sub)
     add_cluster_commands(sub)
+    add_ca_commands(sub)
     return parser
 
 

@@ -266,6 +266,7 @@ class CheckResult:
     title: str  # what was checked, e.g. "CRDs", "TrustDomain example.org", "WorkloadIdentity shop/web"
     status: str  # "ok" | "fail" | "skip"
     message: str
+    reason: str = ""  # a machine-readable cause for callers that act on it (not printed)
 
     @property
     def failed(self) -> bool:

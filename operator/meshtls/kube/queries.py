@@ -26,7 +26,7 @@ from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 from kubernetes.config.config_exception import ConfigException
 
-from meshtls.api.constants import LABEL_BUNDLE, LABEL_MANAGED_BY, MANAGED_BY
+from meshtls.api.constants import GROUP, LABEL_BUNDLE, LABEL_MANAGED_BY, MANAGED_BY, TRUST_DOMAINS, VERSION
 from meshtls.api.objects import SecretSnapshot
 from meshtls.kube.client import Kube, _decode, _translate, api_call, or_none
 
@@ -189,6 +189,13 @@ def namespace_phases(kube: Kube) -> dict[str, str]:
     """Every namespace with its phase (Active, Terminating)."""
     return {str(n.metadata.name): str((n.status.phase if n.status else None) or "Active")
             for n in kube.core.list_namespace().items}
+
+
+@api_call
+def annotate_trust_domain(kube: Kube, name: str, annotations: dict[str, str | None]) -> None:
+    """Set (or, with None, remove) annotations on a TrustDomain: `meshtls ca rotate` asks for a rotation so."""
+    kube.custom.patch_cluster_custom_object(GROUP, VERSION, TRUST_DOMAINS, name,
+                                            {"metadata": {"annotations": dict(annotations)}})
 
 
 # --- Secrets and ConfigMaps in bulk (one list instead of one read per identity) ----------------------------------
