@@ -334,6 +334,82 @@ def test_check_fails_naming_a_tampered_secret(
     check_until(cluster, ["-n", namespace, "--operator-url", healthz(operator)], 0)
 
 
+def test_check_fails_naming_a_bundle_that_does_not_verify_an_identity(
+    kube: Kube, kube_api: client.ApiClient, cluster: Cluster, namespace: str, operator: OperatorProcess,
+) -> None:
+    """Two TrustDomains serving one namespace, each with its own bundle ConfigMap. With the operator stopped (it
+    would repair them at once) the bundles are broken one class at a time: the other trust domain's root only, the
+    bundle deleted, the identity's serial on a CRL signed by its own CA. Each makes `check` exit 1 with a line naming
+    the identity, the bundle and why; restarted, the operator repairs them and `check` passes."""
+    from meshtls.pki import RevokedCertificate, build_crl, crl_pem, load_ca
+
+    if not operator.running:
+        operator.start()
+    core = client.CoreV1Api(kube_api)
+    custom = client.CustomObjectsApi(kube_api)
+    suffix = uuid.uuid4().hex[:6]
+    tds = {"a": f"a-{suffix}.meshtls.test", "b": f"b-{suffix}.meshtls.test"}
+    bundle = {"a": "bundle-a", "b": "bundle-b"}
+    try:
+        for key, td in tds.items():
+            kube.create_trust_domain(td, {"bundle": {"configMapName": bundle[key]}})
+        for td in tds.values():
+            wait_for(f"TrustDomain {td} Ready", lambda td=td: is_ready(kube.trust_domain(td)), 30)
+        web = create_ready(kube, namespace, "web", tds["a"])["status"]["serialNumber"]
+        api = create_ready(kube, namespace, "api", tds["b"])["status"]["serialNumber"]
+        wait_for("both bundles published", lambda: all(kube.configmap_data(namespace, cm) for cm in bundle.values()),
+                 15)
+        args = ["-n", namespace, "--operator-url", healthz(operator)]
+        check_until(cluster, args, 0)
+        roots = {k: (kube.configmap_data(namespace, cm) or {})["ca.crt"] for k, cm in bundle.items()}
+
+        def check_lines() -> dict[str, str]:
+            r = meshtls(cluster, "check", *args)
+            assert r.returncode == 1, r.stdout + r.stderr
+            found = {}
+            for name in ("web", "api"):
+                rows = lines_with(r.stdout, f"✗ WorkloadIdentity {namespace}/{name}:")
+                assert len(rows) <= 1, r.stdout
+                found[name] = rows[0] if rows else ""
+            return found
+
+        operator.stop()  # the running operator repairs its bundles within a second
+        # 1. bundle-a holds only trust domain b's root; 2. bundle-b is gone
+        core.patch_namespaced_config_map(bundle["a"], namespace, {"data": {"ca.crt": roots["b"]}})
+        core.delete_namespaced_config_map(bundle["b"], namespace)
+        lines = check_lines()
+        assert f"bundle {namespace}/bundle-a does not verify certificate {web}" in lines["web"], lines
+        assert "no path to a trusted root" in lines["web"] and f"meshtls CA {tds['b']}" in lines["web"], lines
+        assert f"bundle {namespace}/bundle-b does not verify certificate {api}" in lines["api"], lines
+        assert "the bundle does not exist" in lines["api"], lines
+        # 3. bundle-a back to its own root, with web's serial on a CRL signed by a's CA
+        state = kube.secret_data("meshtls-system", f"meshtls-ca-{tds['a']}") or {}
+        ca = load_ca(state["ca.crt"], state["ca.key"], dt.datetime.now(dt.UTC))
+        now = dt.datetime.now(dt.UTC)
+        crl = build_crl(ca, [RevokedCertificate(int(web, 16), now, now + dt.timedelta(hours=1))], 99, now,
+                        dt.timedelta(hours=1))
+        core.patch_namespaced_config_map(bundle["a"], namespace, {"data": {"ca.crt": roots["a"],
+                                                                           "crl.pem": crl_pem(crl).decode()}})
+        lines = check_lines()
+        assert f"bundle {namespace}/bundle-a does not verify certificate {web}" in lines["web"], lines
+        assert f"certificate {web} is revoked" in lines["web"], lines
+        operator.start()
+        started = time.monotonic()
+        check_until(cluster, args, 0, timeout=60)
+        print(f"check: bundles repaired and passing {time.monotonic() - started:.1f} s after the operator restarted")
+    finally:
+        if not operator.running:
+            operator.start()
+        for td in tds.values():
+            for delete in (lambda: custom.delete_cluster_custom_object(GROUP, VERSION, "trustdomains", td),  # noqa: B023
+                           lambda: core.delete_namespaced_secret(f"meshtls-ca-{td}", "meshtls-system")):  # noqa: B023
+                try:
+                    delete()
+                except ApiException as exc:
+                    if exc.status != 404:
+                        raise
+
+
 def _b64(data: bytes) -> str:
     import base64
 
