@@ -425,6 +425,10 @@ def test_inspect_report_and_rendering(td_ca: CertificateAuthority, svid: IssuedC
     assert not revoked["ok"] and revoked["revoked"] is True and "is revoked" in revoked["checks"][0]["message"]
     absent = inspect_report("f", svid.cert_chain_pem, NOW, bundle=None, bundle_name="shop/meshtls-bundle")
     assert not absent["ok"] and "not found" in absent["checks"][0]["message"]
+    # inspect and check give one verdict: another trust domain's bundle names what it holds
+    foreign = inspect_report("f", svid.cert_chain_pem, NOW, bundle=bundle_of(generate_ca("other.org", T0)),
+                             bundle_name="shop/meshtls-bundle")
+    assert not foreign["ok"] and "none of them the issuer" in foreign["checks"][0]["message"]
     later = inspect_report("f", svid.cert_chain_pem, NOW + dt.timedelta(hours=3))
     assert later["validity"]["state"] == "expired" and not later["ok"]
 

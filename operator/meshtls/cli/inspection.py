@@ -9,7 +9,7 @@ from typing import Any
 
 from cryptography import x509
 
-from meshtls.cli.checks import bundle_material
+from meshtls.cli.checks import bundle_material, bundle_refusal
 from meshtls.cli.render import human_duration, iso
 from meshtls.pki import (
     PKIError,
@@ -104,17 +104,16 @@ def inspect_report(source: str, chain_pem: bytes, now: dt.datetime, key_pem: byt
         if bundle is None:
             checks.append({"title": "bundle", "status": "fail", "message": f"{bundle_name} not found"})
         else:
-            roots, crls = bundle_material(bundle)
+            _, crls = bundle_material(bundle)
             numbers = ", ".join(f"#{crl_number(c)}" for c in crls) or "none"
-            if not roots:
-                checks.append({"title": "bundle", "status": "fail", "message": f"{bundle_name}: no ca.crt"})
-            else:
-                verdict = verify_svid(chain, roots, now, crls)
-                message = (f"{bundle_name} (CRL {numbers}) accepts it" if verdict.ok
-                           else f"{bundle_name} (CRL {numbers}) refuses it: {verdict.reason}")
-                checks.append({"title": "bundle", "status": "ok" if verdict.ok else "fail", "message": message})
-                report["revoked"] = any(c.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
-                                        for c in crls)
+            data = bundle.get("data") or {}
+            # the same verdict `meshtls check` gives, as a sidecar would judge this chain
+            why = bundle_refusal(chain_pem, str(data.get("ca.crt") or ""), str(data.get("crl.pem") or ""), now)
+            message = (f"{bundle_name} (CRL {numbers}) accepts it" if why is None
+                       else f"{bundle_name} (CRL {numbers}) refuses it: {why}")
+            checks.append({"title": "bundle", "status": "ok" if why is None else "fail", "message": message})
+            report["revoked"] = any(c.get_revoked_certificate_by_serial_number(leaf.serial_number) is not None
+                                    for c in crls)
     report["ok"] = (report["validity"]["state"] == "valid" and report["keyMatches"] is not False
                     and all(c["status"] != "fail" for c in checks))
     return report
