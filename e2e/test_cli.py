@@ -410,6 +410,56 @@ def test_check_fails_naming_a_bundle_that_does_not_verify_an_identity(
                         raise
 
 
+def test_check_judges_a_shared_bundle_for_every_trust_domain_it_serves(
+    kube: Kube, kube_api: client.ApiClient, cluster: Cluster, namespace: str, operator: OperatorProcess,
+) -> None:
+    """Two TrustDomains publishing into one bundle ConfigMap of one namespace. Set, with the operator stopped, to
+    hold trust domain a's root and CRL only, `check` names b's identity and the bundle line for b (before, the bundle
+    was judged for one trust domain per namespace, whichever identity sorted last)."""
+    from meshtls.pki import build_crl, crl_pem, load_ca
+
+    if not operator.running:
+        operator.start()
+    core = client.CoreV1Api(kube_api)
+    custom = client.CustomObjectsApi(kube_api)
+    suffix = uuid.uuid4().hex[:6]
+    tds = {"a": f"a-{suffix}.meshtls.test", "b": f"b-{suffix}.meshtls.test"}
+    try:
+        for td in tds.values():
+            kube.create_trust_domain(td, {"bundle": {"configMapName": "shared-bundle"}})
+        for td in tds.values():
+            wait_for(f"TrustDomain {td} Ready", lambda td=td: is_ready(kube.trust_domain(td)), 30)
+        web = create_ready(kube, namespace, "web", tds["a"])["status"]["serialNumber"]
+        api = create_ready(kube, namespace, "api", tds["b"])["status"]["serialNumber"]
+        wait_for("the shared bundle published", lambda: kube.configmap_data(namespace, "shared-bundle"), 15)
+        operator.stop()
+        state = kube.secret_data("meshtls-system", f"meshtls-ca-{tds['a']}") or {}
+        now = dt.datetime.now(dt.UTC)
+        ca = load_ca(state["ca.crt"], state["ca.key"], now)
+        crl = build_crl(ca, [], 7, now, dt.timedelta(hours=1))
+        core.patch_namespaced_config_map("shared-bundle", namespace, {"data": {
+            "ca.crt": ca.roots_pem.decode(), "crl.pem": crl_pem(crl).decode()}})
+        r = meshtls(cluster, "check", "-n", namespace, "--operator-url", healthz(operator))
+        assert r.returncode == 1, r.stdout
+        assert not lines_with(r.stdout, f"WorkloadIdentity {namespace}/web"), r.stdout  # a's chain verifies
+        assert web not in r.stdout
+        line = lines_with(r.stdout, f"✗ WorkloadIdentity {namespace}/api:")
+        assert line and f"bundle {namespace}/shared-bundle does not verify certificate {api}" in line[0], r.stdout
+        bundle_lines = lines_with(r.stdout, f"✗ bundle {namespace}/shared-bundle:")
+        assert len(bundle_lines) == 1 and f"trust domain {tds['b']}'s CA" in bundle_lines[0], r.stdout
+    finally:
+        if not operator.running:
+            operator.start()
+        for td in tds.values():
+            for delete in (lambda: custom.delete_cluster_custom_object(GROUP, VERSION, "trustdomains", td),  # noqa: B023
+                           lambda: core.delete_namespaced_secret(f"meshtls-ca-{td}", "meshtls-system")):  # noqa: B023
+                try:
+                    delete()
+                except ApiException as exc:
+                    if exc.status != 404:
+                        raise
+
+
 def _b64(data: bytes) -> str:
     import base64
 
