@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+
 from meshtls.api.constants import (
     ANNOTATION_RENEW,
     ANNOTATION_REVOKE,
@@ -325,7 +327,8 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any], read_s
         issued_serial=status.get("serialNumber"), issued_spiffe_id=status.get("spiffeID"),
         issued_not_before=_time_or_none(status.get("notBefore")),
         issued_serials=frozenset(str(e.get("serial")) for e in status.get("activeSerials") or []),
-        trusted_cas=_trusted_certificates(runtime.trusted), generation=int(generation) if generation else None,
+        trusted_cas=tuple(ca.certificate for ca in runtime.trusted), trusted_roots=_trusted_roots(runtime.trusted),
+        generation=int(generation) if generation else None,
     )
     decision = decide(state)
     if decision.action == CONFLICT:
@@ -505,8 +508,8 @@ async def _report_overlaps(op: Operator, key: Key, body: dict[str, Any], service
         await op.post_event(body, "Warning", "Overlapping", changed["message"])
 
 
-def _trusted_certificates(cas: list[CertificateAuthority]) -> tuple[Any, ...]:
-    return tuple(ca.certificate for ca in cas)
+def _trusted_roots(cas: list[CertificateAuthority]) -> frozenset[bytes]:
+    return frozenset(root.public_bytes(serialization.Encoding.DER) for ca in cas for root in ca.roots)
 
 
 def _time_or_none(text: str | None) -> dt.datetime | None:

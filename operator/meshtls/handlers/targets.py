@@ -43,17 +43,21 @@ class PodSelectionIndex:
         self._where: dict[tuple[str, str], str] = {}
 
     def put(self, namespace: str, name: str, service_account: str, selector: Mapping[str, str]) -> set[str]:
-        """Record the identity; returns the identities whose overlap set changed (they report it again)."""
-        before = self._overlap_sets(namespace, name)
+        """Record the identity; returns the other identities whose overlap set changed (they report it again)."""
+        groups = {service_account, self._where.get((namespace, name), service_account)}
+        before = self._overlap_sets(namespace, groups, name)
         self._drop(namespace, name)
         self._by_sa.setdefault((namespace, service_account), {})[name] = dict(selector)
         self._where[(namespace, name)] = service_account
-        return self._changed(namespace, name, before)
+        return self._changed(namespace, groups, name, before)
 
     def remove(self, namespace: str, name: str) -> set[str]:
-        before = self._overlap_sets(namespace, name)
+        sa = self._where.get((namespace, name))
+        if sa is None:
+            return set()
+        before = self._overlap_sets(namespace, {sa}, name)
         self._drop(namespace, name)
-        return self._changed(namespace, name, before)
+        return self._changed(namespace, {sa}, name, before)
 
     def overlapping(self, namespace: str, name: str) -> list[str]:
         sa = self._where.get((namespace, name))
@@ -68,13 +72,10 @@ class PodSelectionIndex:
         if sa is not None:
             self._by_sa.get((namespace, sa), {}).pop(name, None)
 
-    def _neighbours(self, namespace: str, name: str) -> set[str]:
-        sa = self._where.get((namespace, name))
-        return set(self._by_sa.get((namespace, sa), {})) - {name} if sa is not None else set()
+    def _overlap_sets(self, namespace: str, groups: set[str], name: str) -> dict[str, list[str]]:
+        return {n: self.overlapping(namespace, n) for sa in groups for n in self._by_sa.get((namespace, sa), {})
+                if n != name}
 
-    def _overlap_sets(self, namespace: str, name: str) -> dict[str, list[str]]:
-        return {n: self.overlapping(namespace, n) for n in self._neighbours(namespace, name)}
-
-    def _changed(self, namespace: str, name: str, before: dict[str, list[str]]) -> set[str]:
-        names = set(before) | self._neighbours(namespace, name)
-        return {n for n in names if before.get(n, []) != self.overlapping(namespace, n)}
+    def _changed(self, namespace: str, groups: set[str], name: str, before: dict[str, list[str]]) -> set[str]:
+        after = self._overlap_sets(namespace, groups, name)
+        return {n for n in set(before) | set(after) if before.get(n, []) != after.get(n, [])}

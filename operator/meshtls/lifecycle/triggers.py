@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from meshtls.api.constants import ANNOTATION_RENEW, ANNOTATION_REVOKE
 from meshtls.api.durations import format_duration
@@ -18,7 +19,7 @@ from meshtls.api.model import EffectiveIdentity
 from meshtls.api.objects import SecretSnapshot
 from meshtls.lifecycle.certificate import SecretCertificate, authority_key_id, dns_names_of, read_secret_certificate
 from meshtls.lifecycle.renewal import JITTER_FRACTION, reissue_floor, scheduled_renewal
-from meshtls.pki import svid_spiffe_id
+from meshtls.pki import PKIError, load_certificates, svid_spiffe_id
 from meshtls.pki.ca import signed_by
 
 ANNOTATION_RENEWAL_TIME = "meshtls.dev/renewal-time"  # for people and tools; decisions recompute it from the spec
@@ -44,6 +45,7 @@ class IdentityState:
     issued_not_before: dt.datetime | None = None
     issued_serials: frozenset[str] = frozenset()
     trusted_cas: tuple[x509.Certificate, ...] = ()  # every CA of the trust domain whose leaves are accepted now
+    trusted_roots: frozenset[bytes] = frozenset()  # their trust anchors (DER): all ca.crt may carry
     generation: int | None = None  # metadata.generation of the WorkloadIdentity
 
     def certificate(self) -> SecretCertificate:
@@ -84,6 +86,14 @@ def certificate_not_issued_here(s: IdentityState) -> tuple[str, str] | None:
     name = s.identity.spec.secret_name
     if s.trusted_cas and not any(signed_by(cert, ca) for ca in s.trusted_cas):
         return "SecretTampered", f"Secret {name}: tls.crt is not signed by trust domain {s.identity.trust_domain}"
+    if s.trusted_roots:
+        try:
+            anchors = load_certificates(s.secret.data["ca.crt"], "ca.crt")
+        except PKIError as exc:
+            return "SecretTampered", f"Secret {name}: {exc}"
+        if any(a.public_bytes(serialization.Encoding.DER) not in s.trusted_roots for a in anchors):
+            return "SecretTampered", f"Secret {name}: ca.crt carries a CA that trust domain " \
+                                     f"{s.identity.trust_domain} does not trust"
     have = str(svid_spiffe_id(cert))
     if s.issued_spiffe_id and have not in (s.issued_spiffe_id, str(s.identity.spiffe_id)):
         return "SecretTampered", f"Secret {name}: tls.crt is for {have}, meshtls issued it for {s.issued_spiffe_id}"
