@@ -107,6 +107,8 @@ class Operator:
     targets: TargetIndex = field(default_factory=TargetIndex)  # identities with a sidecar, for the webhook
     rendered: dict[Key, str] = field(default_factory=dict)  # sidecar config last written, per identity
     selection: PodSelectionIndex = field(default_factory=PodSelectionIndex)  # every identity's pods, for overlaps
+    selection_known: set[str] = field(default_factory=set)  # namespaces whose identities are all in `selection`
+    selection_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     secret_digests: dict[Key, str] = field(default_factory=dict)  # content of the Secret last written or verified
     handled: dict[Key, tuple[Any, ...]] = field(default_factory=dict)  # last event fingerprint reconciled
     background: set[asyncio.Task[None]] = field(default_factory=set)
@@ -133,7 +135,11 @@ class Operator:
         try:
             await self.kube.run(self.kube.post_event, involved, type_, reason, message)
         except Exception as exc:  # an Event is information; losing one must not fail the work it describes
-            log.warning("could not post Event %s for %s/%s: %s", reason, meta.get("namespace"), meta.get("name"), exc)
+            # a namespace being deleted takes no Events: expected, not worth a warning
+            level = logging.INFO if isinstance(exc, ApiError) and namespace_terminating(exc.status, str(exc)) \
+                else logging.WARNING
+            log.log(level, "could not post Event %s for %s/%s: %s", reason, meta.get("namespace"), meta.get("name"),
+                    exc)
 
 
 async def reconcile_trust_domain(op: Operator, body: dict[str, Any]) -> None:
@@ -221,7 +227,11 @@ async def on_identity_event(op: Operator, event_type: str, body: dict[str, Any])
                 await op.kube.run(op.kube.remove_workload_identity_finalizer, key[0], key[1], FINALIZER, finalizers)
             except ApiError as exc:
                 if namespace_terminating(exc.status, str(exc)):
-                    return  # the namespace controller removes the object, finalizer or not, once it is empty
+                    # what could be revoked was published elsewhere; nothing more can be written in this namespace
+                    with contextlib.suppress(Exception):
+                        await op.kube.run(op.kube.remove_workload_identity_finalizer, key[0], key[1], FINALIZER,
+                                          finalizers)
+                    return
                 log.warning("revoking %s/%s on deletion failed (%s); retrying in %.0f s", *key, exc,
                             RETRY_ERROR.total_seconds())
                 _later(op, RETRY_ERROR, _retry_deletion(op, key))
@@ -495,8 +505,31 @@ async def _report_floor(op: Operator, body: dict[str, Any], status: dict[str, An
         await op.post_event(body, "Warning", "RenewalFloor", message)
 
 
+async def _know_namespace(op: Operator, namespace: str) -> None:
+    """Index every identity of a namespace before judging overlaps there: after a restart the first identity
+    reconciled must not report "no overlap" only because its neighbours have not been seen yet."""
+    if namespace in op.selection_known:
+        return
+    async with op.selection_lock:  # a restart reconciles a namespace's identities together: one list, not N
+        if namespace not in op.selection_known:
+            await _index_namespace(op, namespace)
+
+
+async def _index_namespace(op: Operator, namespace: str) -> None:
+    for other in await op.kube.run(op.kube.list_workload_identities, namespace):
+        meta, spec = other.get("metadata") or {}, other.get("spec") or {}
+        sa = spec.get("serviceAccountName") if isinstance(spec, dict) else None
+        if meta.get("deletionTimestamp") or not isinstance(sa, str):
+            continue
+        labels = (spec.get("podSelector") or {}).get("matchLabels") or {}
+        if isinstance(labels, dict):
+            op.selection.put(namespace, str(meta.get("name")), sa, {str(k): str(v) for k, v in labels.items()})
+    op.selection_known.add(namespace)
+
+
 async def _report_overlaps(op: Operator, key: Key, body: dict[str, Any], service_account: str,
                            selector: dict[str, str], status: dict[str, Any]) -> None:
+    await _know_namespace(op, key[0])
     _recheck_overlaps(op, key[0], op.selection.put(key[0], key[1], service_account, selector))
     others = op.selection.overlapping(*key)
     changed = overlap_condition(status.get("conditions"), service_account, others, op.clock.now())
