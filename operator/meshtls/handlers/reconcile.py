@@ -468,8 +468,14 @@ async def _revoke_superseded(op: Operator, body: dict[str, Any], superseded: Sup
             told.append(f"trust domain {trust_domain} is gone ({exc.message}): {len(serials)} serial(s) need no CRL")
             done.update(serial for serial, _ in serials)
             continue
-        await op.trust.revoke(runtime, [RevokedCertificate(int(serial, 16), now, not_after, RevocationReason.SUPERSEDED)
-                                        for serial, not_after in serials])
+        try:
+            await op.trust.revoke(runtime, [RevokedCertificate(int(serial, 16), now, not_after,
+                                                               RevocationReason.SUPERSEDED)
+                                            for serial, not_after in serials])
+        except Exception as exc:  # they stay in activeSerials: the identity's deletion revokes them again
+            log.warning("%s/%s: revoking superseded serials under %s failed: %s", namespace, name, trust_domain, exc)
+            told.append(f"revoking {len(serials)} serial(s) under {trust_domain} failed ({exc}); kept for deletion")
+            continue
         done.update(serial for serial, _ in serials)
         told.append(f"revoked {', '.join(s for s, _ in serials)} on the CRL of {trust_domain} "
                     f"(#{runtime.crl_number})")
