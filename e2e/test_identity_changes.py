@@ -202,6 +202,7 @@ def test_a_spec_change_revokes_the_old_certificate_on_its_issuers_crl(
         namespace, "mover") or {}).get("status", {})).get("serialNumber") == serial_of(fresh) and s, 10)
     assert {e.get("trustDomain") for e in status["activeSerials"]} == {new_td}  # the revoked ones left the list
     assert wait_for("a Superseded Event", lambda: kube.events(namespace, reason="Superseded", name="mover"), 5)
+    assert not kube.events(namespace, reason="Repaired", name="mover"), "a spec change is not a repair"
     # deletion then revokes what is left on the CRL of the trust domain that issued it
     kube.delete_identity(namespace, "mover")
     wait_for("the new serial on its issuer's CRL", lambda: on_crl(kube, namespace, new_bundle, serial_of(fresh) or ""),
@@ -209,6 +210,31 @@ def test_a_spec_change_revokes_the_old_certificate_on_its_issuers_crl(
     wait_for("the identity to be gone", lambda: kube.identity(namespace, "mover") is None, 10)
     print(f"{what} changed: {len(old_serials)} old serials revoked on {trust_domain}'s CRL"
           f"{', old Secret removed' if new_name != 'mover-mtls' else ''} in {elapsed:.2f} s")
+
+
+def test_a_move_away_from_a_deleted_trust_domain_does_not_stall(
+    kube: Kube, kube_api: client.ApiClient, namespace: str, trust_domain: str, second_trust_domain: str,
+    running_operator: OperatorProcess,
+) -> None:
+    """The certificate to supersede was issued by a trust domain that no longer exists: nothing to publish, nothing
+    to crash on; the new certificate comes at once and deletion is not held."""
+    kube.create_identity(namespace, "orphan", {"serviceAccountName": "orphan", "trustDomain": second_trust_domain})
+    first = wait_for("the Secret", lambda: kube.secret_data(namespace, "orphan-mtls"), 10)
+    client.CustomObjectsApi(kube_api).delete_cluster_custom_object("meshtls.dev", "v1alpha1", "trustdomains",
+                                                                    second_trust_domain)
+    wait_for("the TrustDomain to be gone", lambda: not [
+        t for t in client.CustomObjectsApi(kube_api).list_cluster_custom_object(
+            "meshtls.dev", "v1alpha1", "trustdomains")["items"] if t["metadata"]["name"] == second_trust_domain], 15)
+    kube.patch_identity(namespace, "orphan", {"spec": {"trustDomain": trust_domain}})
+    fresh = wait_for("a certificate of the remaining trust domain", lambda: (d := kube.secret_data(
+        namespace, "orphan-mtls")) and serial_of(d) != serial_of(first) and str(svid_spiffe_id(leaf(d))).startswith(
+        f"spiffe://{trust_domain}/") and d, 15)
+    wait_for("Ready", lambda: is_ready(kube.identity(namespace, "orphan")), 10)
+    started = time.monotonic()
+    kube.delete_identity(namespace, "orphan")
+    wait_for("its serial on the CRL", lambda: on_crl(kube, namespace, "meshtls-bundle", serial_of(fresh) or ""), 10)
+    wait_for("the identity to be gone", lambda: kube.identity(namespace, "orphan") is None, 10)
+    print(f"moved off a deleted trust domain; deletion finished in {time.monotonic() - started:.2f} s")
 
 
 # --- everything meshtls writes heals; time-to-repair -----------------------------------------------------------------
@@ -358,6 +384,14 @@ def test_identities_selecting_the_same_pods_name_each_other(
         wait_for(f"{name} Ready (an overlap is a warning)", lambda name=name: is_ready(kube.identity(namespace, name)),
                  10)
     assert kube.events(namespace, reason="Overlapping", name="all")[0].type == "Warning"
+    # a restart sees the identities one by one: the first must not report "no overlap" before it sees the others
+    versions = {n: (kube.identity(namespace, n) or {})["metadata"]["resourceVersion"] for n in ("all", "front", "back")}
+    warnings = len(kube.events(namespace, reason="Overlapping"))
+    running_operator.stop()
+    running_operator.start()
+    time.sleep(5)
+    assert {n: (kube.identity(namespace, n) or {})["metadata"]["resourceVersion"] for n in versions} == versions
+    assert len(kube.events(namespace, reason="Overlapping")) == warnings
     kube.delete_identity(namespace, "all")
     for name in ("front", "back"):
         wait_for(f"{name} no longer overlapping", lambda name=name: overlapping(name).get("status") == "False", 15)

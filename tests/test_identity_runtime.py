@@ -92,6 +92,7 @@ def look(identity: EffectiveIdentity, secret: SecretSnapshot, ca: CertificateAut
         identity, UID, annotations or {}, None, secret, ca.authority_key_identifier.key_identifier or b"",
         ca.not_after, now, issued_serial=status.get("serialNumber"),  # type: ignore[arg-type]
         issued_spiffe_id=status.get("spiffeID"),  # type: ignore[arg-type]
+        issued_secret_name=status.get("secretName"),  # type: ignore[arg-type]
         issued_not_before=(dt.datetime.fromisoformat(str(status["notBefore"]).replace("Z", "+00:00"))
                            if status.get("notBefore") else None),
         issued_serials=frozenset(e["serial"] for e in status.get("activeSerials") or []),  # type: ignore[attr-defined]
@@ -307,6 +308,27 @@ def test_tampering_is_judged_by_content_never_by_copied_annotations(ca: Certific
     # a newer certificate of ours that the status has not caught up with is accepted (a crash between the writes)
     crashed = swapped(later.certificate.cert_chain_pem, later.certificate.key_pem)
     assert decide(look(identity, crashed, ca, now, status=status)).action == WAIT
+
+
+def test_a_move_to_another_trust_domain_is_a_spec_change_not_tampering(ca: CertificateAuthority) -> None:
+    """The certificate in the Secret was signed by the old trust domain's CA, which the new one does not trust: that
+    is the change the user asked for (SpecChanged, Event Rotated), not a repair."""
+    identity = effective()
+    issuance = issue_for(identity, ca, T0)
+    status = status_of(identity, issuance)
+    other_ca = generate_ca("other.example", T0 - dt.timedelta(days=1))
+    tdspec = parse_trust_domain({"metadata": {"name": "other.example"}, "spec": {}})
+    for change in ({"trustDomain": "other.example"}, {"trustDomain": "other.example", "serviceAccountName": "api"}):
+        moved = resolve_identity(parse_workload_identity(body(**change)), tdspec)
+        d = decide(look(moved, snapshot(identity, issuance), other_ca, T0 + dt.timedelta(minutes=1), generation=2,
+                        status=status))
+        assert (d.action, d.reason) == (ISSUE, "SpecChanged"), change
+    # a new secretName: the Secret under it is missing because the user moved it, not because someone deleted it
+    renamed = resolve_identity(parse_workload_identity(body(secretName="web-tls")), parse_trust_domain(
+        {"metadata": {"name": "cluster.local"}, "spec": {}}))
+    d = decide(look(renamed, ABSENT, ca, T0 + dt.timedelta(seconds=1), generation=2, status=status))
+    assert (d.action, d.reason) == (ISSUE, "SpecChanged") and "secretName" in d.message
+    assert decide(look(identity, ABSENT, ca, T0 + dt.timedelta(seconds=1), status=status)).reason == "SecretMissing"
 
 
 def test_the_secret_digest_sees_content_not_annotations(ca: CertificateAuthority) -> None:

@@ -335,6 +335,7 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any], read_s
         handled_renew_request=status.get("lastRenewRequest"), secret=secret,
         ca_key_id=runtime.ca_key_id, ca_not_after=runtime.ca.not_after, now=now,
         issued_serial=status.get("serialNumber"), issued_spiffe_id=status.get("spiffeID"),
+        issued_secret_name=status.get("secretName"),
         issued_not_before=_time_or_none(status.get("notBefore")),
         issued_serials=frozenset(str(e.get("serial")) for e in status.get("activeSerials") or []),
         trusted_cas=tuple(ca.certificate for ca in runtime.trusted), trusted_roots=_trusted_roots(runtime.trusted),
@@ -472,7 +473,12 @@ async def _revoke_superseded(op: Operator, body: dict[str, Any], superseded: Sup
             await op.trust.revoke(runtime, [RevokedCertificate(int(serial, 16), now, not_after,
                                                                RevocationReason.SUPERSEDED)
                                             for serial, not_after in serials])
-        except Exception as exc:  # they stay in activeSerials: the identity's deletion revokes them again
+        except Exception as exc:
+            if await _trust_domain_gone(op, trust_domain):
+                told.append(f"trust domain {trust_domain} was deleted: {len(serials)} serial(s) need no CRL")
+                done.update(serial for serial, _ in serials)
+                continue
+            # they stay in activeSerials: the identity's deletion revokes them again
             log.warning("%s/%s: revoking superseded serials under %s failed: %s", namespace, name, trust_domain, exc)
             told.append(f"revoking {len(serials)} serial(s) under {trust_domain} failed ({exc}); kept for deletion")
             continue
@@ -488,6 +494,15 @@ async def _revoke_superseded(op: Operator, body: dict[str, Any], superseded: Sup
     log.info("%s/%s Superseded: %s", namespace, name, message)
     await op.post_event(body, "Normal", "Superseded", message)
     return frozenset(done)
+
+
+async def _trust_domain_gone(op: Operator, name: str) -> bool:
+    """A revocation failed: only the TrustDomain object being gone (or going) makes that final, not an error."""
+    try:
+        body = await op.kube.run(op.kube.get_trust_domain, name)
+    except Exception:
+        return False
+    return body is None or bool(body.get("metadata", {}).get("deletionTimestamp"))
 
 
 def _floor_message(identity: EffectiveIdentity) -> str:
@@ -653,9 +668,17 @@ async def revoke_on_delete(op: Operator, body: dict[str, Any]) -> None:
                 published.append(f"{len(serials)} under {trust_domain or '(default)'}: gone, no CRL to publish")
                 continue
             runtime.identities.discard(key)
-            await op.trust.revoke(runtime, [RevokedCertificate(int(serial, 16), now, not_after,
-                                                               RevocationReason.CESSATION_OF_OPERATION)
-                                            for serial, not_after in serials])
+            try:
+                await op.trust.revoke(runtime, [RevokedCertificate(int(serial, 16), now, not_after,
+                                                                   RevocationReason.CESSATION_OF_OPERATION)
+                                                for serial, not_after in serials])
+            except Exception:
+                if not await _trust_domain_gone(op, trust_domain):
+                    raise  # retried: the serials must reach the CRL before the finalizer goes
+                log.info("%s/%s deleted; trust domain %s was deleted too: no CRL to publish", namespace, name,
+                         trust_domain)
+                published.append(f"{len(serials)} under {trust_domain}: deleted, no CRL to publish")
+                continue
             published.append(f"{', '.join(s for s, _ in serials)} on the CRL of {runtime.name} "
                              f"(#{runtime.crl_number})")
         if owned and secret.uid:

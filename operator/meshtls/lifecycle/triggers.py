@@ -41,6 +41,7 @@ class IdentityState:
     parsed: SecretCertificate | None = None
     # what the identity's status says meshtls issued last: a Secret is judged against it by content
     issued_serial: str | None = None
+    issued_secret_name: str | None = None
     issued_spiffe_id: str | None = None
     issued_not_before: dt.datetime | None = None
     issued_serials: frozenset[str] = frozenset()
@@ -67,6 +68,8 @@ def revocation_requested(s: IdentityState) -> tuple[str, str] | None:
 
 def secret_does_not_exist(s: IdentityState) -> tuple[str, str] | None:
     if not s.secret.exists:
+        if s.issued_secret_name and s.issued_secret_name != s.identity.spec.secret_name:
+            return "SpecChanged", f"secretName changed from {s.issued_secret_name} to {s.identity.spec.secret_name}"
         return "SecretMissing", f"Secret {s.identity.spec.secret_name} does not exist"
     return None
 
@@ -84,6 +87,8 @@ def certificate_not_issued_here(s: IdentityState) -> tuple[str, str] | None:
     cert = s.certificate().certificate
     assert cert is not None
     name = s.identity.spec.secret_name
+    if s.issued_spiffe_id and s.issued_spiffe_id != str(s.identity.spiffe_id):
+        return None  # the spec moved (service account, trust domain): the SpecChanged check re-issues anyway
     if s.trusted_cas and not any(signed_by(cert, ca) for ca in s.trusted_cas):
         return "SecretTampered", f"Secret {name}: tls.crt is not signed by trust domain {s.identity.trust_domain}"
     if s.trusted_roots:
