@@ -155,6 +155,7 @@ def test_service_account_reaches_only_what_it_serves(cluster: Cluster, installed
         ("get", "secrets", ops, None),
         ("update", "secrets", ops, None),
         ("update", "configmaps", app, None),
+        ("watch", "configmaps", app, None),  # sidecar ConfigMaps are restored when edited or deleted
         ("patch", "workloadidentities.meshtls.dev", app, "status"),
         ("patch", "trustdomains.meshtls.dev", CLUSTER, "status"),
         ("update", f"mutatingwebhookconfigurations/{INJECTOR}", CLUSTER, None),

@@ -11,7 +11,6 @@ from typing import Any
 import kopf
 
 from meshtls.api.constants import (
-    ANNOTATION_SERIAL,
     GROUP,
     LABEL_IDENTITY,
     LABEL_MANAGED_BY,
@@ -26,8 +25,9 @@ from meshtls.handlers.settings import OPTIONS
 from meshtls.handlers.trust import TrustDomains
 from meshtls.kube import connect
 from meshtls.kube.queries import default_holder, run_heartbeat
-from meshtls.lifecycle.certificate import read_secret_certificate
 from meshtls.lifecycle.clock import SystemClock
+from meshtls.lifecycle.issuance import secret_digest
+from meshtls.sidecar.config import CONFIG_FILE
 from meshtls.sidecar.target import InjectionOptions
 
 log = logging.getLogger("meshtls.operator")
@@ -40,6 +40,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.posting.level = logging.WARNING  # our own Events say what happened; kopf's would double them
     # Server-side selector: the watch carries only meshtls's Secrets, not every Secret of the cluster (memory, API load)
     settings.watching.label_selectors["", "v1", "secrets"] = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_IDENTITY}"
+    settings.watching.label_selectors["", "v1", "configmaps"] = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_IDENTITY}"
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
     settings.watching.connect_timeout = 10
@@ -137,10 +138,28 @@ async def managed_secret_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) 
         return
     if event["type"] != "MODIFIED":
         return
+    # judged by content: annotations can be copied; anything but what meshtls wrote or verified is looked at again
     data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
-    parsed = read_secret_certificate(data)
-    serial = meta.get("annotations", {}).get(ANNOTATION_SERIAL)
-    if parsed.problem or parsed.serial != serial:  # our own writes are always consistent: this was someone else
+    if op.secret_digests.get(key) != secret_digest(data):
+        op.scheduler.schedule(key, op.clock.now())
+
+
+# --- sidecar ConfigMaps meshtls renders: restored when edited or deleted ----------------------------------------
+
+
+@kopf.on.event("", "v1", "configmaps", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_IDENTITY: kopf.PRESENT})
+async def managed_configmap_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    op: Operator | None = memo.get("op")
+    if op is None:
+        return
+    obj: dict[str, Any] = dict(event["object"])
+    meta = obj.get("metadata", {})
+    key = (str(meta.get("namespace")), str(meta.get("labels", {}).get(LABEL_IDENTITY)))
+    written = op.rendered.get(key)
+    if written is None:
+        return  # not one meshtls rendered in this run (a bundle, or before the identity's first reconcile)
+    if event["type"] == "DELETED" or dict(obj.get("data") or {}) != {CONFIG_FILE: written}:
+        op.rendered.pop(key, None)  # the cache must not hide the change: the next reconcile writes it again
         op.scheduler.schedule(key, op.clock.now())
 
 

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography.hazmat.primitives import serialization
+
 from meshtls.api.constants import (
     ANNOTATION_RENEW,
     ANNOTATION_REVOKE,
@@ -23,6 +25,7 @@ from meshtls.api.constants import (
     KIND_WORKLOAD_IDENTITY,
     LABEL_IDENTITY,
     LABEL_MANAGED_BY,
+    LABEL_TRUST_DOMAIN,
     MANAGED_BY,
 )
 from meshtls.api.durations import format_duration
@@ -30,26 +33,35 @@ from meshtls.api.model import EffectiveIdentity, SpecError, parse_workload_ident
 from meshtls.api.objects import ABSENT
 from meshtls.handlers import metrics
 from meshtls.handlers.scheduler import Key, RenewalScheduler
-from meshtls.handlers.targets import TargetIndex
+from meshtls.handlers.targets import PodSelectionIndex, TargetIndex
 from meshtls.handlers.trust import TrustDomainError, TrustDomainRuntime, TrustDomains
 from meshtls.kube import Conflict, Kube
 from meshtls.kube.client import ApiError
 from meshtls.lifecycle.ca_rotation import reissue_delay
+from meshtls.lifecycle.certificate import dns_names_of
 from meshtls.lifecycle.clock import Clock
 from meshtls.lifecycle.issuance import (
+    Superseded,
     condition,
     failed_status,
+    floor_condition,
     iso,
     issue_for,
     issued_status,
     merge_conditions,
+    overlap_condition,
+    revocations_by_issuer,
     secret_body,
+    secret_digest,
+    superseded_by_spec,
+    tracked_serials,
 )
+from meshtls.lifecycle.namespaces import namespace_terminating
 from meshtls.lifecycle.peering import outranked_by_live_peer
 from meshtls.lifecycle.triggers import CONFLICT, ISSUE, IdentityState, decide, event_reason, secret_renewal_time
-from meshtls.pki import RevocationReason, RevokedCertificate, load_certificates
+from meshtls.pki import CertificateAuthority, RevocationReason, RevokedCertificate, load_certificates
 from meshtls.sidecar.config import CONFIG_FILE
-from meshtls.sidecar.render import injection_target, render_sidecar_config
+from meshtls.sidecar.render import check_publishable, injection_target, render_sidecar_config
 from meshtls.sidecar.target import sidecar_configmap_name
 
 log = logging.getLogger("meshtls.identity")
@@ -94,6 +106,10 @@ class Operator:
     locks: dict[Key, _HeldLock] = field(default_factory=dict)  # only while someone holds or waits for one
     targets: TargetIndex = field(default_factory=TargetIndex)  # identities with a sidecar, for the webhook
     rendered: dict[Key, str] = field(default_factory=dict)  # sidecar config last written, per identity
+    selection: PodSelectionIndex = field(default_factory=PodSelectionIndex)  # every identity's pods, for overlaps
+    selection_known: set[str] = field(default_factory=set)  # namespaces whose identities are all in `selection`
+    selection_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    secret_digests: dict[Key, str] = field(default_factory=dict)  # content of the Secret last written or verified
     handled: dict[Key, tuple[Any, ...]] = field(default_factory=dict)  # last event fingerprint reconciled
     background: set[asyncio.Task[None]] = field(default_factory=set)
     paused: bool = False  # kopf peering: a live peer with a higher priority acts instead of this replica
@@ -119,7 +135,11 @@ class Operator:
         try:
             await self.kube.run(self.kube.post_event, involved, type_, reason, message)
         except Exception as exc:  # an Event is information; losing one must not fail the work it describes
-            log.warning("could not post Event %s for %s/%s: %s", reason, meta.get("namespace"), meta.get("name"), exc)
+            # a namespace being deleted takes no Events: expected, not worth a warning
+            level = logging.INFO if isinstance(exc, ApiError) and namespace_terminating(exc.status, str(exc)) \
+                else logging.WARNING
+            log.log(level, "could not post Event %s for %s/%s: %s", reason, meta.get("namespace"), meta.get("name"),
+                    exc)
 
 
 async def reconcile_trust_domain(op: Operator, body: dict[str, Any]) -> None:
@@ -197,12 +217,24 @@ async def on_identity_event(op: Operator, event_type: str, body: dict[str, Any])
         op.handled.pop(key, None)
         op.scheduler.forget(key)
         op.targets.remove(*key)
+        op.secret_digests.pop(key, None)
+        _recheck_overlaps(op, key[0], op.selection.remove(*key))
         return
     if meta.get("deletionTimestamp"):
         if FINALIZER in finalizers:
             try:
                 await revoke_on_delete(op, body)
                 await op.kube.run(op.kube.remove_workload_identity_finalizer, key[0], key[1], FINALIZER, finalizers)
+            except ApiError as exc:
+                if namespace_terminating(exc.status, str(exc)):
+                    # what could be revoked was published elsewhere; nothing more can be written in this namespace
+                    with contextlib.suppress(Exception):
+                        await op.kube.run(op.kube.remove_workload_identity_finalizer, key[0], key[1], FINALIZER,
+                                          finalizers)
+                    return
+                log.warning("revoking %s/%s on deletion failed (%s); retrying in %.0f s", *key, exc,
+                            RETRY_ERROR.total_seconds())
+                _later(op, RETRY_ERROR, _retry_deletion(op, key))
             except Exception as exc:  # kopf does not retry event handlers: try again with a fresh read
                 log.warning("revoking %s/%s on deletion failed (%s); retrying in %.0f s", *key, exc,
                             RETRY_ERROR.total_seconds())
@@ -247,7 +279,20 @@ async def reconcile(op: Operator, namespace: str, name: str, body: dict[str, Any
         if body is None or body["metadata"].get("deletionTimestamp"):
             op.scheduler.forget(key)
             return
-        await _reconcile_locked(op, key, body)
+        try:
+            await _reconcile_locked(op, key, body)
+        except ApiError as exc:
+            if not namespace_terminating(exc.status, str(exc)):
+                raise
+            # not an error: the namespace is going away with everything in it; its deletion finalizes the identity
+            log.info("%s/%s: namespace %s is terminating; not reconciling it any more", namespace, name, namespace)
+            op.scheduler.forget(key)
+
+
+def _recheck_overlaps(op: Operator, namespace: str, names: set[str]) -> None:
+    """Identities whose set of overlapping identities changed report it again, soon."""
+    for other in names:
+        op.scheduler.schedule((namespace, other), op.clock.now())
 
 
 async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any], read_secret: bool = False) -> None:
@@ -266,12 +311,15 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any], read_s
         op.scheduler.schedule(key, op.clock.now() + RETRY_INVALID)
         return
 
+    await _report_overlaps(op, key, body, spec.service_account, spec.pod_selector, status)
     await op.trust.add_namespace(runtime, namespace)
     try:
         await _publish_sidecar_config(op, body, identity, runtime.spec.bundle_configmap)
     except SpecError as exc:
         await _fail(op, body, status, exc.reason, str(exc))
-        op.scheduler.schedule(key, op.clock.now() + RETRY_CONFLICT)
+        # a config too large cannot shrink by itself: the next spec change (an event) tries again
+        retry = RETRY_INVALID if exc.reason in ("SidecarConfigTooLarge", "SidecarConfigRefused") else RETRY_CONFLICT
+        op.scheduler.schedule(key, op.clock.now() + retry)
         return
     # A brand-new identity has no Secret yet: create it without reading first. If one exists after all (ours from
     # before a crash, or a stranger's), the create fails with a conflict and we read and decide again below.
@@ -281,10 +329,17 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any], read_s
     else:
         secret = await op.kube.run(op.kube.read_secret, namespace, spec.secret_name)
     now = op.clock.now()
+    generation = body["metadata"].get("generation")
     state = IdentityState(
         identity=identity, uid=body["metadata"]["uid"], annotations=annotations,
         handled_renew_request=status.get("lastRenewRequest"), secret=secret,
         ca_key_id=runtime.ca_key_id, ca_not_after=runtime.ca.not_after, now=now,
+        issued_serial=status.get("serialNumber"), issued_spiffe_id=status.get("spiffeID"),
+        issued_secret_name=status.get("secretName"),
+        issued_not_before=_time_or_none(status.get("notBefore")),
+        issued_serials=frozenset(str(e.get("serial")) for e in status.get("activeSerials") or []),
+        trusted_cas=tuple(ca.certificate for ca in runtime.trusted), trusted_roots=_trusted_roots(runtime.trusted),
+        generation=int(generation) if generation else None,
     )
     decision = decide(state)
     if decision.action == CONFLICT:
@@ -292,10 +347,17 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any], read_s
         op.scheduler.schedule(key, now + RETRY_CONFLICT)
         return
     if decision.action != ISSUE:
-        if status.get("serialNumber") != state.certificate().serial or not _is_ready(status):
-            # status lags the Secret (operator restarted mid-write, or recovered from an error): catch it up
+        await _report_floor(op, body, status, decision.clamped, decision.message if decision.reason ==
+                            "RenewalFloor" else _floor_message(identity), now)
+        due = iso(secret_renewal_time(state))
+        if (status.get("serialNumber") != state.certificate().serial or not _is_ready(status)
+                or status.get("renewalTime") != due):
+            # status lags the Secret (operator restarted mid-write, recovered from an error, or the renewal point
+            # in the spec changed): catch it up, finishing a spec change the restart interrupted
+            superseded = superseded_by_spec(status, identity, False, now)
+            revoked = await _revoke_superseded(op, body, superseded) if superseded is not None else frozenset()
             await op.kube.run(op.kube.patch_workload_identity_status, namespace, name, _status_from_secret(
-                status, state, decision.message, now))
+                status, state, decision.message, now, revoked))
             serial, previous = state.certificate().serial, status.get("serialNumber")
             if serial != previous:  # the operator died between the Secret and its Event: nobody was told yet
                 reason = "Rotated" if previous else "Issued"
@@ -303,17 +365,22 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any], read_s
                                                             "operator restart)")
         assert decision.recheck_at is not None
         _record_metrics(namespace, name, str(identity.spiffe_id), state, decision.recheck_at)
+        op.secret_digests[key] = secret_digest(secret.data)
         op.scheduler.schedule(key, decision.recheck_at)
         return
 
     previous_serial = status.get("serialNumber")
     had_certificate = bool(previous_serial) or (secret.exists and state.certificate().certificate is not None)
+    old_cert = state.certificate().certificate if secret.exists else None
+    dns_changed = old_cert is not None and sorted(dns_names_of(old_cert)) != sorted(spec.dns_names)
+    superseded = superseded_by_spec(status, identity, dns_changed, now)
     if decision.revoke_current:
         await _revoke_current(op, runtime, state, annotations.get(ANNOTATION_REVOKE) or "")
     started = time.perf_counter()
     issuance = issue_for(identity, runtime.ca, now, on_schedule=decision.on_schedule)
+    written = secret_body(identity, issuance, _identity_ref(body), int(generation) if generation else None)
     try:
-        await op.kube.run(op.kube.write_secret, secret_body(identity, issuance, _identity_ref(body)), secret)
+        await op.kube.run(op.kube.write_secret, written, secret)
     except ApiError as exc:
         if exc.status != 422:
             raise
@@ -329,11 +396,14 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any], read_s
             op.scheduler.schedule(key, op.clock.now() + dt.timedelta(seconds=1))
         return
     metrics.issuance_seconds.observe(time.perf_counter() - started)
+    op.secret_digests[key] = secret_digest({k: v.encode() for k, v in written["stringData"].items()})
     reason = event_reason(decision, had_certificate)
+    revoked = await _revoke_superseded(op, body, superseded) if superseded is not None else frozenset()
     new_status = issued_status(identity, issuance, status, rotated=had_certificate,
                                ca_fingerprint=runtime.ca.fingerprint, renew_request=annotations.get(ANNOTATION_RENEW),
-                               now=now)
+                               now=now, revoked=revoked)
     await op.kube.run(op.kube.patch_workload_identity_status, namespace, name, new_status)
+    await _report_floor(op, body, new_status, issuance.clamped, _floor_message(identity), now)
     if decision.revoke_current:
         await op.kube.run(op.kube.patch_workload_identity_annotations, namespace, name, {ANNOTATION_REVOKE: None})
     old = state.certificate().serial if secret.exists else None
@@ -362,17 +432,145 @@ async def _publish_sidecar_config(op: Operator, body: dict[str, Any], identity: 
         op.targets.remove(spec.namespace, spec.name)
         return
     text = render_sidecar_config(identity).to_yaml()
+    check_publishable(identity, text)
     if op.rendered.get(key) != text:
         name = sidecar_configmap_name(spec.name)
         current = await op.kube.run(op.kube.read_configmap, spec.namespace, name)
         if current is not None and current["labels"].get(LABEL_MANAGED_BY) != MANAGED_BY:
             raise SpecError("spec", f"ConfigMap {name} exists and is not managed by meshtls", reason="ConfigConflict")
-        if current is None or current["data"].get(CONFIG_FILE) != text:
-            labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_IDENTITY: spec.name}
-            await op.kube.run(op.kube.write_configmap, spec.namespace, name, {CONFIG_FILE: text}, labels, current,
-                              _identity_ref(body))
+        labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_IDENTITY: spec.name}
+        if current is None or current["data"] != {CONFIG_FILE: text} or any(
+                current["labels"].get(k) != v for k, v in labels.items()):
+            try:
+                await op.kube.run(op.kube.write_configmap, spec.namespace, name, {CONFIG_FILE: text}, labels, current,
+                                  _identity_ref(body))
+            except ApiError as exc:
+                if exc.status not in (413, 422):
+                    raise
+                # too large or otherwise refused as a whole: the same write can only fail again
+                raise SpecError("spec", f"the API server refused sidecar ConfigMap {name}: {exc}",
+                                reason="SidecarConfigRefused") from None
         op.rendered[key] = text
     op.targets.put(spec.namespace, injection_target(identity, bundle_config_map))
+
+
+async def _revoke_superseded(op: Operator, body: dict[str, Any], superseded: Superseded) -> frozenset[str]:
+    """Revoke what a spec change left valid, each serial on the CRL of the trust domain that issued it, and remove
+    the Secret under the old name (only ours). Returns the serials dealt with."""
+    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
+    now = op.clock.now()
+    done: set[str] = set()
+    told: list[str] = []
+    for trust_domain, serials in superseded.serials.items():
+        try:
+            runtime = await op.trust.get(trust_domain)
+        except TrustDomainError as exc:
+            # its CA is gone with it: no sidecar trusts those certificates any more, and there is no CRL to publish
+            told.append(f"trust domain {trust_domain} is gone ({exc.message}): {len(serials)} serial(s) need no CRL")
+            done.update(serial for serial, _ in serials)
+            continue
+        try:
+            await op.trust.revoke(runtime, [RevokedCertificate(int(serial, 16), now, not_after,
+                                                               RevocationReason.SUPERSEDED)
+                                            for serial, not_after in serials])
+        except Exception as exc:
+            if await _trust_domain_gone(op, trust_domain):
+                told.append(f"trust domain {trust_domain} was deleted: {len(serials)} serial(s) need no CRL")
+                done.update(serial for serial, _ in serials)
+                continue
+            # they stay in activeSerials: the identity's deletion revokes them again
+            log.warning("%s/%s: revoking superseded serials under %s failed: %s", namespace, name, trust_domain, exc)
+            told.append(f"revoking {len(serials)} serial(s) under {trust_domain} failed ({exc}); kept for deletion")
+            continue
+        done.update(serial for serial, _ in serials)
+        told.append(f"revoked {', '.join(s for s, _ in serials)} on the CRL of {trust_domain} "
+                    f"(#{runtime.crl_number})")
+    if superseded.old_secret_name:
+        old = await op.kube.run(op.kube.read_secret, namespace, superseded.old_secret_name)
+        if old.exists and old.owned_by(body["metadata"]["uid"]) and old.uid:
+            await op.kube.run(op.kube.delete_secret, namespace, superseded.old_secret_name, old.uid)
+            told.append(f"Secret {superseded.old_secret_name} deleted")
+    message = f"{superseded.reason}: " + ("; ".join(told) or "nothing was left valid")
+    log.info("%s/%s Superseded: %s", namespace, name, message)
+    await op.post_event(body, "Normal", "Superseded", message)
+    return frozenset(done)
+
+
+async def _trust_domain_gone(op: Operator, name: str) -> bool:
+    """A revocation failed: only the TrustDomain object being gone (or going) makes that final, not an error."""
+    try:
+        body = await op.kube.run(op.kube.get_trust_domain, name)
+    except Exception:
+        return False
+    return body is None or bool(body.get("metadata", {}).get("deletionTimestamp"))
+
+
+def _floor_message(identity: EffectiveIdentity) -> str:
+    spec_point = (f"renewBefore {format_duration(identity.renew_before)}" if identity.renew_before is not None
+                  else f"renewAtPercent {round(identity.renew_at_fraction * 100)}")
+    return (f"{spec_point} with ttl {format_duration(identity.ttl)} would renew sooner than the re-issue floor "
+            f"(a tenth of the lifetime, at least 1 s): renewals are held back to the floor")
+
+
+async def _report_floor(op: Operator, body: dict[str, Any], status: dict[str, Any], clamped: bool, message: str,
+                        now: dt.datetime) -> None:
+    """Once per change, not per clamp: a condition and a Warning Event when the floor starts holding back."""
+    changed = floor_condition(status.get("conditions"), clamped, message, now)
+    if changed is None:
+        return
+    status["conditions"] = merge_conditions(status.get("conditions"), [changed])
+    meta = body["metadata"]
+    await op.kube.run(op.kube.patch_workload_identity_status, meta["namespace"], meta["name"],
+                      {"conditions": status["conditions"]})
+    if clamped:
+        await op.post_event(body, "Warning", "RenewalFloor", message)
+
+
+async def _know_namespace(op: Operator, namespace: str) -> None:
+    """Index every identity of a namespace before judging overlaps there: after a restart the first identity
+    reconciled must not report "no overlap" only because its neighbours have not been seen yet."""
+    if namespace in op.selection_known:
+        return
+    async with op.selection_lock:  # a restart reconciles a namespace's identities together: one list, not N
+        if namespace not in op.selection_known:
+            await _index_namespace(op, namespace)
+
+
+async def _index_namespace(op: Operator, namespace: str) -> None:
+    for other in await op.kube.run(op.kube.list_workload_identities, namespace):
+        meta, spec = other.get("metadata") or {}, other.get("spec") or {}
+        sa = spec.get("serviceAccountName") if isinstance(spec, dict) else None
+        if meta.get("deletionTimestamp") or not isinstance(sa, str):
+            continue
+        labels = (spec.get("podSelector") or {}).get("matchLabels") or {}
+        if isinstance(labels, dict):
+            op.selection.put(namespace, str(meta.get("name")), sa, {str(k): str(v) for k, v in labels.items()})
+    op.selection_known.add(namespace)
+
+
+async def _report_overlaps(op: Operator, key: Key, body: dict[str, Any], service_account: str,
+                           selector: dict[str, str], status: dict[str, Any]) -> None:
+    await _know_namespace(op, key[0])
+    _recheck_overlaps(op, key[0], op.selection.put(key[0], key[1], service_account, selector))
+    others = op.selection.overlapping(*key)
+    changed = overlap_condition(status.get("conditions"), service_account, others, op.clock.now())
+    if changed is None:
+        return
+    status["conditions"] = merge_conditions(status.get("conditions"), [changed])
+    await op.kube.run(op.kube.patch_workload_identity_status, key[0], key[1], {"conditions": status["conditions"]})
+    if others:
+        await op.post_event(body, "Warning", "Overlapping", changed["message"])
+
+
+def _trusted_roots(cas: list[CertificateAuthority]) -> frozenset[bytes]:
+    return frozenset(root.public_bytes(serialization.Encoding.DER) for ca in cas for root in ca.roots)
+
+
+def _time_or_none(text: str | None) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
+    except ValueError:
+        return None
 
 
 def _is_ready(status: dict[str, Any]) -> bool:
@@ -388,13 +586,14 @@ def _record_metrics(namespace: str, name: str, spiffe_id: str, state: IdentitySt
 
 
 def _status_from_secret(status: dict[str, Any], state: IdentityState, message: str,
-                        now: dt.datetime) -> dict[str, Any]:
+                        now: dt.datetime, revoked: frozenset[str] = frozenset()) -> dict[str, Any]:
     cert = state.certificate().certificate
     assert cert is not None
     serial = format(cert.serial_number, "x")
-    active = list(status.get("activeSerials") or [])
+    active = tracked_serials(status.get("activeSerials"), None, now, dropped=revoked)
     if not any(e.get("serial") == serial for e in active):
-        active.append({"serial": serial, "notAfter": iso(cert.not_valid_after_utc)})
+        active.append({"serial": serial, "notAfter": iso(cert.not_valid_after_utc),
+                       "trustDomain": state.identity.trust_domain})
     return {
         "spiffeID": str(state.identity.spiffe_id),
         "trustDomain": state.identity.trust_domain,
@@ -436,7 +635,8 @@ async def _revoke_current(op: Operator, runtime: TrustDomainRuntime, state: Iden
 
 
 async def revoke_on_delete(op: Operator, body: dict[str, Any]) -> None:
-    """Every still-valid serial of the identity goes on the CRL, published everywhere; then the Secret goes."""
+    """Every still-valid serial of the identity goes on the CRL of the trust domain that issued it, published
+    everywhere; then the Secret goes."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
     key = (namespace, name)
     op.scheduler.forget(key)
@@ -447,35 +647,47 @@ async def revoke_on_delete(op: Operator, body: dict[str, Any]) -> None:
         secret = await op.kube.run(op.kube.read_secret, namespace, secret_name)
         owned = secret.exists and secret.owned_by(body["metadata"]["uid"])
         now = op.clock.now()
-        entries: dict[int, RevokedCertificate] = {}
-        for e in status.get("activeSerials") or []:
-            not_after = dt.datetime.fromisoformat(e["notAfter"].replace("Z", "+00:00"))
-            if not_after > now:
-                entries[int(e["serial"], 16)] = RevokedCertificate(int(e["serial"], 16), now, not_after,
-                                                                    RevocationReason.CESSATION_OF_OPERATION)
+        by_issuer = revocations_by_issuer(status, str(spec_td or ""), now)
         if owned and secret.data.get("tls.crt"):
-            try:
+            try:  # the Secret's own certificate, in case the status never recorded it (a crash mid-issuance)
                 cert = load_certificates(secret.data["tls.crt"])[0]
-                entries[cert.serial_number] = RevokedCertificate(cert.serial_number, now, cert.not_valid_after_utc,
-                                                                 RevocationReason.CESSATION_OF_OPERATION)
+                serial = format(cert.serial_number, "x")
+                if cert.not_valid_after_utc > now and not any(serial == s for group in by_issuer.values()
+                                                              for s, _ in group):
+                    issuer = secret.labels.get(LABEL_TRUST_DOMAIN) or str(spec_td or "")
+                    by_issuer.setdefault(issuer, []).append((serial, cert.not_valid_after_utc))
             except Exception:
                 pass
-        try:
-            runtime = await op.trust.get(spec_td)
-        except TrustDomainError as exc:
-            log.warning("%s/%s deleted but its trust domain is gone (%s): nothing to revoke against",
-                        namespace, name, exc.message)
-            runtime = None
-        if runtime is not None:
+        published: list[str] = []
+        for trust_domain, serials in by_issuer.items():
+            try:
+                runtime = await op.trust.get(trust_domain or None)
+            except TrustDomainError as exc:
+                log.warning("%s/%s deleted but trust domain %s is gone (%s): nothing to revoke against",
+                            namespace, name, trust_domain or "(default)", exc.message)
+                published.append(f"{len(serials)} under {trust_domain or '(default)'}: gone, no CRL to publish")
+                continue
             runtime.identities.discard(key)
-        if runtime is not None and entries:
-            await op.trust.revoke(runtime, list(entries.values()))
+            try:
+                await op.trust.revoke(runtime, [RevokedCertificate(int(serial, 16), now, not_after,
+                                                                   RevocationReason.CESSATION_OF_OPERATION)
+                                                for serial, not_after in serials])
+            except Exception:
+                if not await _trust_domain_gone(op, trust_domain):
+                    raise  # retried: the serials must reach the CRL before the finalizer goes
+                log.info("%s/%s deleted; trust domain %s was deleted too: no CRL to publish", namespace, name,
+                         trust_domain)
+                published.append(f"{len(serials)} under {trust_domain}: deleted, no CRL to publish")
+                continue
+            published.append(f"{', '.join(s for s, _ in serials)} on the CRL of {runtime.name} "
+                             f"(#{runtime.crl_number})")
         if owned and secret.uid:
             await op.kube.run(op.kube.delete_secret, namespace, secret_name, secret.uid)
-        serials = ", ".join(sorted(format(s, "x") for s in entries)) or "none"
         await op.post_event(body, "Normal", "Revoked",
-                            f"revoked serial(s) {serials}; CRL #{runtime.crl_number if runtime else '-'} published; "
+                            f"revoked serial(s) {'; '.join(published) or 'none'}; "
                             f"Secret {secret_name} {'deleted' if owned else 'left (not ours)'}")
         metrics.forget_identity(namespace, name, str(status.get("spiffeID", "")))
         op.rendered.pop(key, None)
+        op.secret_digests.pop(key, None)
         op.targets.remove(namespace, name)
+        _recheck_overlaps(op, namespace, op.selection.remove(namespace, name))

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from meshtls.api.model import EffectiveIdentity
-from meshtls.sidecar.config import InboundRoute, OutboundRoute, SidecarConfig
+from meshtls.api.model import EffectiveIdentity, SpecError
+from meshtls.sidecar.config import CONFIG_FILE, InboundRoute, OutboundRoute, SidecarConfig
 from meshtls.sidecar.target import InjectionTarget, sidecar_configmap_name
 
 
@@ -17,6 +17,29 @@ def render_sidecar_config(identity: EffectiveIdentity) -> SidecarConfig:
         # kubelet probes come from outside the pod's loopback
         admin_address="0.0.0.0",
     )
+
+
+# The API server refuses a ConfigMap whose data (keys and values) exceeds 1 MiB ("Too long"); etcd's request limit
+# is higher, so this is the one that bites.
+CONFIGMAP_DATA_LIMIT = 1024 * 1024
+
+
+def check_publishable(identity: EffectiveIdentity, text: str) -> None:
+    """Refuse, with the fields that make it big, a sidecar config the API server would not store."""
+    size = len(CONFIG_FILE.encode()) + len(text.encode())
+    if size <= CONFIGMAP_DATA_LIMIT:
+        return
+    spec = identity.spec
+    parts = {
+        "spec.allowedPeers": sum(len(p) for p in spec.allowed_peers) * max(len(spec.inbound), 1),
+        "spec.inbound": len(spec.inbound),
+        "spec.outbound": sum(len(u.address) + len(u.peer or "") for u in spec.outbound),
+    }
+    field = max(parts, key=lambda k: parts[k])
+    raise SpecError(field, f"the rendered sidecar config is {size} bytes, over the {CONFIGMAP_DATA_LIMIT}-byte "
+                           f"ConfigMap limit (allowedPeers {len(spec.allowed_peers)} entries repeated on "
+                           f"{len(spec.inbound)} inbound routes, {len(spec.outbound)} outbound): shorten {field}",
+                    reason="SidecarConfigTooLarge")
 
 
 def injection_target(identity: EffectiveIdentity, bundle_config_map: str) -> InjectionTarget:
