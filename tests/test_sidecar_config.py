@@ -43,7 +43,7 @@ def test_rendered_config_round_trips_through_the_proxy_parser() -> None:
         ({"inbound": [{"port": 1, "appPort": 2}, {"port": 3, "appPort": 1}]}, "inbound[1].appPort"),
         ({"inbound": [{"port": 1, "appPort": 15090}]}, "inbound[0].appPort"),
         ({"inbound": [{"port": 1, "appPort": 2}],
-          "outbound": [{"listenPort": 2, "address": "a:1", "peer": "spiffe://a/b"}]}, "inbound[0].appPort"),
+          "outbound": [{"listenPort": 2, "address": "a:1", "peer": "spiffe://a/b"}]}, "outbound[0].listenPort"),
         ({"outbound": [{"listenPort": 1, "address": "a:1", "peer": "spiffe://a/b"},
                        {"listenPort": 1, "address": "b:1", "peer": "spiffe://a/b"}]}, "outbound[1].listenPort"),
         ({"outbound": [{"listenPort": 1, "address": "a:099", "peer": "spiffe://a/b"}]}, "outbound[0].address"),

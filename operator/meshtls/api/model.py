@@ -53,10 +53,10 @@ MAX_BACKDATE = dt.timedelta(hours=1)  # clock skew is seconds; an hour is alread
 MAX_CA_ROTATE_BEFORE_PERCENT = 90  # a new CA must live outside its rotation window for a while, or it rotates again
 # ConfigMaps Kubernetes (or its usual add-ons and meshes) write themselves: a bundle under one of these names would
 # fight their owner. Names starting with kube- are the system's by convention; -meshtls-proxy is the sidecar config.
-RESERVED_CONFIGMAP_NAMES = ("kube-root-ca.crt", "extension-apiserver-authentication", "cluster-info", "coredns",
-                            "kubeadm-config", "kubelet-config", "istio-ca-root-cert", "openshift-service-ca.crt",
+RESERVED_CONFIGMAP_PREFIX = "kube-"  # kube-root-ca.crt in every namespace, kube-proxy, kube-apiserver-..., ...
+RESERVED_CONFIGMAP_NAMES = ("extension-apiserver-authentication", "cluster-info", "coredns", "kubeadm-config",
+                            "kubelet-config", "istio-ca-root-cert", "openshift-service-ca.crt",
                             "linkerd-identity-trust-roots")
-RESERVED_CONFIGMAP_PREFIX = "kube-"
 SIDECAR_ADMIN_PORT = 15090  # sidecar.config.DEFAULT_ADMIN_PORT: admin and /metrics, on 127.0.0.1 in the pod
 # A TrustDomain's default DNS policy: the identity's own namespace's Service names, in every form a pod resolves.
 # `*` is one label; a leading `**` one or more (pods under a headless Service: web-0.web.<ns>.svc...).
@@ -65,6 +65,8 @@ NAMESPACE_PLACEHOLDER = "$(namespace)"
 MAX_ALLOWED_DNS_NAMES = 64
 _PATTERN_LABEL = r"(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?|\$\(namespace\))"
 _DNS_PATTERN = re.compile(rf"(\*\*|{_PATTERN_LABEL})(\.{_PATTERN_LABEL})*")
+_OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+_SPEC_DURATION = re.compile(r"([0-9]+(ms|s|m|h))+")
 _ADDRESS = re.compile(r"([A-Za-z0-9.-]+):([1-9][0-9]{0,4})")
 
 
@@ -116,7 +118,9 @@ def _list(value: Any, field_path: str) -> list[Any]:
     return list(value)
 
 
-def _spec(body: Mapping[str, Any], kind: str) -> Mapping[str, Any]:
+def _spec(body: Mapping[str, Any], kind: str, required: bool = False) -> Mapping[str, Any]:
+    if required and _get(body, "spec") is None:
+        raise SpecError("spec", f"is required (the {kind} fields, serviceAccountName at least)")
     return _object(_get(body, "spec"), "spec", f"{kind} fields")
 
 
@@ -138,6 +142,8 @@ def _optional_duration(value: Any, field_path: str) -> dt.timedelta | None:
         return None
     if not isinstance(value, str):
         raise SpecError(field_path, f"must be a duration string like 90s, 5m or 1h, not {_kind(value)}")
+    if not _SPEC_DURATION.fullmatch(value):  # the CRDs' pattern: Go's units, no days, no blanks
+        raise SpecError(field_path, f"{value[:40]!r} is not a duration like 90s, 5m, 1h or 1h30m (units ms, s, m, h)")
     try:
         return parse_duration(value, field_path)
     except PKIError as exc:
@@ -205,7 +211,8 @@ def check_bundle_configmap_name(name: str, field_path: str = "spec.bundle.config
         raise SpecError(field_path, f"{name!r} is not a valid ConfigMap name (RFC 1123 subdomain)")
     if name in RESERVED_CONFIGMAP_NAMES or name.startswith(RESERVED_CONFIGMAP_PREFIX):
         raise SpecError(field_path, f"{name!r} is a ConfigMap Kubernetes or another system writes itself "
-                                    f"({RESERVED_CONFIGMAP_PREFIX}*, {', '.join(RESERVED_CONFIGMAP_NAMES)}): "
+                                    f"({RESERVED_CONFIGMAP_PREFIX}* such as kube-root-ca.crt, "
+                                    f"{', '.join(RESERVED_CONFIGMAP_NAMES)}): "
                                     "choose a name of meshtls's own, e.g. meshtls-bundle")
     if name.endswith(SIDECAR_CONFIG_SUFFIX):
         raise SpecError(field_path, f"{name!r} ends in {SIDECAR_CONFIG_SUFFIX}, the suffix of meshtls's sidecar "
@@ -404,20 +411,22 @@ def check_sidecar_ports(inbound: tuple[InboundPort, ...], outbound: tuple[Outbou
     """
     owner: dict[int, str] = {SIDECAR_ADMIN_PORT: "the sidecar's admin and metrics port"}
     for i, r in enumerate(inbound):
-        field_path = f"spec.inbound[{i}].port"
         if r.port in owner:
-            raise SpecError(field_path, f"{r.port} is already {owner[r.port]}: each port may be used once")
+            raise SpecError(f"spec.inbound[{i}].port", f"{r.port} is already {owner[r.port]}: each port may be used "
+                                                       "once")
         owner[r.port] = f"spec.inbound[{i}].port"
-    for i, u in enumerate(outbound):
-        field_path = f"spec.outbound[{i}].listenPort"
-        if u.listen_port in owner:
-            raise SpecError(field_path, f"{u.listen_port} is already {owner[u.listen_port]}: each port may be used "
-                                        "once")
-        owner[u.listen_port] = field_path
+    apps: dict[int, str] = {}
     for i, r in enumerate(inbound):  # the app listens on appPort in the same pod: no sidecar listener may take it
         if r.app_port in owner:
             raise SpecError(f"spec.inbound[{i}].appPort", f"{r.app_port} is already {owner[r.app_port]}: the app's "
                                                           "port must differ from every port the sidecar listens on")
+        apps.setdefault(r.app_port, f"spec.inbound[{i}].appPort")  # two inbound ports may lead to one app port
+    for i, u in enumerate(outbound):
+        field_path = f"spec.outbound[{i}].listenPort"
+        taken = owner.get(u.listen_port) or apps.get(u.listen_port)
+        if taken:
+            raise SpecError(field_path, f"{u.listen_port} is already {taken}: each port may be used once")
+        owner[u.listen_port] = field_path
 
 
 def _percent(value: Any) -> int | None:
@@ -432,7 +441,7 @@ def _percent(value: Any) -> int | None:
 def parse_workload_identity(body: Mapping[str, Any]) -> WorkloadIdentitySpec:
     namespace = str(_get(body, "metadata", "namespace") or "")
     name = str(_get(body, "metadata", "name") or "")
-    spec = _spec(body, "WorkloadIdentity")
+    spec = _spec(body, "WorkloadIdentity", required=True)
     sa = spec.get("serviceAccountName")
     if sa is None or sa == "":
         raise SpecError("spec.serviceAccountName", "is required")
@@ -471,6 +480,9 @@ def parse_workload_identity(body: Mapping[str, Any]) -> WorkloadIdentitySpec:
         except PKIError as exc:
             raise SpecError(exc.field, exc.message) from None
     secret_name = _string(spec.get("secretName") or f"{name}-mtls", "spec.secretName")
+    if not _OBJECT_NAME.fullmatch(secret_name):
+        raise SpecError("spec.secretName", f"{secret_name[:60]!r} is not a valid Secret name (lowercase RFC 1123 "
+                                           "subdomain)")
     if len(secret_name) > MAX_OBJECT_NAME:
         raise SpecError("spec.secretName", f"the Secret name {secret_name[:40]}... would have {len(secret_name)} "
                                            f"characters (at most {MAX_OBJECT_NAME}): set a shorter spec.secretName")

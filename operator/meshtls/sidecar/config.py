@@ -98,16 +98,23 @@ def _list(data: dict[str, Any], key: str) -> list[Any]:
 def check_listening_ports(inbound: list[InboundRoute], outbound: list[OutboundRoute], admin_port: int) -> None:
     """Every port the sidecar or the app listens on in the pod is used once (meshtls.api.model mirrors this)."""
     owner: dict[int, str] = {admin_port: "admin.port"}
-    listeners = [(f"inbound[{i}].port", r.port) for i, r in enumerate(inbound)]
-    listeners += [(f"outbound[{i}].listenPort", r.listen_port) for i, r in enumerate(outbound)]
-    for field_path, port in listeners:
-        if port in owner:
-            raise PKIError(field_path, f"{port} is already {owner[port]}: listening ports must be distinct")
-        owner[port] = field_path
+    for i, r in enumerate(inbound):
+        if r.port in owner:
+            raise PKIError(f"inbound[{i}].port", f"{r.port} is already {owner[r.port]}: listening ports must be "
+                                                 "distinct")
+        owner[r.port] = f"inbound[{i}].port"
+    apps: dict[int, str] = {}
     for i, r in enumerate(inbound):  # the app listens on appPort in the same network namespace
         if r.app_port in owner:
             raise PKIError(f"inbound[{i}].appPort", f"{r.app_port} is already {owner[r.app_port]}: the app's port "
                                                     "must differ from every port the sidecar listens on")
+        apps.setdefault(r.app_port, f"inbound[{i}].appPort")
+    for i, u in enumerate(outbound):
+        taken = owner.get(u.listen_port) or apps.get(u.listen_port)
+        if taken:
+            raise PKIError(f"outbound[{i}].listenPort", f"{u.listen_port} is already {taken}: listening ports must "
+                                                        "be distinct")
+        owner[u.listen_port] = f"outbound[{i}].listenPort"
 
 
 def parse_sidecar_config(data: dict[str, Any]) -> SidecarConfig:
