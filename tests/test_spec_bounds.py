@@ -36,8 +36,8 @@ HOSTILE_TD = "hostile.e2e.test"
 HOSTILE_TD_SPEC = {"certificates": {"minTTL": "1m", "defaultTTL": "1h", "maxTTL": "2h"}}  # as e2e/test_hostile.py
 
 
-def wid(namespace: str = "shop", **spec: Any) -> dict[str, Any]:
-    return {"metadata": {"namespace": namespace, "name": "web", "uid": "u"},
+def wid(**spec: Any) -> dict[str, Any]:
+    return {"metadata": {"namespace": "shop", "name": "web", "uid": "u"},
             "spec": {"serviceAccountName": "web", **spec}}
 
 
