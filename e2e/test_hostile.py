@@ -473,6 +473,8 @@ def test_a_trust_domains_dns_policy_is_served_and_enforced(
     finally:
         for name in ("own", "listed", "unlisted", "foreign"):
             delete_object(kube, "WorkloadIdentity", name, namespace)
+        for name in ("own", "listed", "unlisted", "foreign"):  # revoked under their trust domain before it goes
+            wait_for(f"{name} deleted", lambda n=name: kube.identity(namespace, n) is None, 30)
         delete_object(kube, "TrustDomain", td)
         delete_object(kube, "Secret", f"meshtls-ca-{td}", OPERATOR_NAMESPACE)
 
