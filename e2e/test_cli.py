@@ -26,7 +26,7 @@ from kubernetes.client.exceptions import ApiException
 from e2e.harness import Cluster
 from e2e.kube_helpers import GROUP, VERSION, Kube, is_ready, wait_for
 from e2e.operator_process import OperatorProcess
-from meshtls.pki import load_certificates
+from meshtls.pki import generate_ca, load_certificates
 
 BIN = Path(sys.executable).parent
 
@@ -471,13 +471,21 @@ def test_check_fails_for_a_ca_inside_its_rotation_window(
 ) -> None:
     name = f"rotating-{uuid.uuid4().hex[:6]}.meshtls.test"
     custom = client.CustomObjectsApi(kube_api)
-    kube.create_trust_domain(name, {"ca": {"validity": "2h", "rotateBefore": "3h"}})
+    # a brought CA 30 min before its end, with a 1 h window (the API server refuses a generated CA that starts
+    # inside its window: rotateBefore is at most 90 % of ca.validity)
+    now = dt.datetime.now(dt.UTC)
+    ca = generate_ca(name, now - dt.timedelta(minutes=90), validity=dt.timedelta(hours=2))
+    client.CoreV1Api(kube_api).create_namespaced_secret("meshtls-system", client.V1Secret(
+        metadata=client.V1ObjectMeta(name=f"byo-{name}"), type="kubernetes.io/tls",
+        data={"tls.crt": _b64(ca.certificate_pem()), "tls.key": _b64(ca.key_pem())}))
+    kube.create_trust_domain(name, {"ca": {"secretRef": {"name": f"byo-{name}"}, "rotateBefore": "1h"},
+                                    "certificates": {"minTTL": "1m", "defaultTTL": "5m", "maxTTL": "10m"}})
     try:
         wait_for(f"TrustDomain {name} Ready", lambda: is_ready(kube.trust_domain(name)), 30)
         r = meshtls(cluster, "check", "-n", namespace, "--operator-url", healthz(running_operator))
         assert r.returncode == 1, r.stdout
         failed = lines_with(r.stdout, f"✗ TrustDomain {name}:")
-        assert failed and "inside its rotation window (3h before expiry)" in failed[0], r.stdout
+        assert failed and "inside its rotation window (1h before expiry)" in failed[0], r.stdout
         assert all(f"TrustDomain {name}" in line for line in lines_with(r.stdout, "✗"))
     finally:
         custom.delete_cluster_custom_object(GROUP, VERSION, "trustdomains", name)
@@ -487,6 +495,7 @@ def test_check_fails_for_a_ca_inside_its_rotation_window(
         except ApiException as exc:
             if exc.status != 404:
                 raise
+        client.CoreV1Api(kube_api).delete_namespaced_secret(f"byo-{name}", "meshtls-system")
 
 
 def _gone(custom: client.CustomObjectsApi, name: str) -> bool:

@@ -345,10 +345,11 @@ def test_check_trust_domain_rotation_window(td_ca: CertificateAuthority) -> None
     # 30% of 365 d = 109.5 d: the default window opens 255.5 d after issuance
     late = checks.check_trust_domain(trust_domain(), td_ca.certificate, T0 + dt.timedelta(days=260), "s")
     assert late.failed and "inside its rotation window" in late.message
-    short = generate_ca("example.org", NOW - dt.timedelta(minutes=1), validity=dt.timedelta(hours=2))
-    inside = checks.check_trust_domain(trust_domain({"ca": {"validity": "2h", "rotateBefore": "3h"}},
+    short = generate_ca("example.org", NOW - dt.timedelta(minutes=90), validity=dt.timedelta(hours=2))
+    inside = checks.check_trust_domain(trust_domain({"ca": {"validity": "2h", "rotateBefore": "1h"},
+                                                     "certificates": {"maxTTL": "1h"}},
                                                     rotation={"phase": "Preparing"}), short.certificate, NOW, "s")
-    assert inside.failed and "rotation window (3h before expiry)" in inside.message and "Preparing" in inside.message
+    assert inside.failed and "rotation window (1h before expiry)" in inside.message and "Preparing" in inside.message
     assert checks.check_trust_domain(trust_domain(ready=False), td_ca.certificate, NOW, "s").failed
     unreadable = checks.check_trust_domain(trust_domain(), None, NOW, "Secret meshtls-system/x: 403")
     assert unreadable.failed and "cannot read the CA" in unreadable.message

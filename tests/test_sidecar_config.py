@@ -39,7 +39,15 @@ def test_rendered_config_round_trips_through_the_proxy_parser() -> None:
         ({"reloadIntervalSeconds": "abc"}, "reloadIntervalSeconds"),
         ({"reloadIntervalSeconds": 600}, "reloadIntervalSeconds"),
         ({"spiffeId": "spiffe://Bad"}, "spiffeId"),
-        ({"inbound": [{"port": 15090, "appPort": 2}]}, "inbound/outbound"),
+        ({"inbound": [{"port": 15090, "appPort": 2}]}, "inbound[0].port"),
+        ({"inbound": [{"port": 1, "appPort": 2}, {"port": 3, "appPort": 1}]}, "inbound[1].appPort"),
+        ({"inbound": [{"port": 1, "appPort": 15090}]}, "inbound[0].appPort"),
+        ({"inbound": [{"port": 1, "appPort": 2}],
+          "outbound": [{"listenPort": 2, "address": "a:1", "peer": "spiffe://a/b"}]}, "outbound[0].listenPort"),
+        ({"outbound": [{"listenPort": 1, "address": "a:1", "peer": "spiffe://a/b"},
+                       {"listenPort": 1, "address": "b:1", "peer": "spiffe://a/b"}]}, "outbound[1].listenPort"),
+        ({"outbound": [{"listenPort": 1, "address": "a:099", "peer": "spiffe://a/b"}]}, "outbound[0].address"),
+        ({"outbound": [{"listenPort": 1, "address": "a:99999", "peer": "spiffe://a/b"}]}, "outbound[0].address"),
     ],
 )
 def test_bad_shapes_name_the_field(patch: dict[str, Any], field: str) -> None:

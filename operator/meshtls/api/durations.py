@@ -17,7 +17,10 @@ def parse_duration(text: str, field: str) -> dt.timedelta:
     text = text.strip()
     if not _DURATION.fullmatch(text):
         raise PKIError(field, f"{text!r} is not a duration like 90s, 5m, 1h or 1h30m")
-    return dt.timedelta(seconds=sum(int(n) * _SECONDS[u] for n, u in _PART.findall(text)))
+    try:
+        return dt.timedelta(seconds=sum(int(n) * _SECONDS[u] for n, u in _PART.findall(text)))
+    except OverflowError:  # more than timedelta's 999999999 days
+        raise PKIError(field, f"{text[:40]!r} is too long a duration") from None
 
 
 def format_duration(delta: dt.timedelta) -> str:

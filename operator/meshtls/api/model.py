@@ -12,9 +12,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from meshtls.api.constants import DEFAULT_BUNDLE_CONFIGMAP
 from meshtls.api.durations import format_duration, parse_duration
 from meshtls.pki.errors import PKIError
-from meshtls.pki.issue import validate_dns_name
+from meshtls.pki.issue import MAX_DNS_NAME_LENGTH, validate_dns_name
 from meshtls.pki.keys import DEFAULT_KEY_ALGORITHM, KeyAlgorithm
 from meshtls.pki.spiffe import SpiffeId, parse_spiffe_id, validate_trust_domain, workload_spiffe_id
 
@@ -34,6 +35,40 @@ MAX_OBJECT_NAME = 253
 SIDECAR_CONFIG_SUFFIX = "-meshtls-proxy"  # sidecar.target.sidecar_configmap_name (api may not import sidecar)
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
+# Bounds the CRDs' CEL rules enforce too (crds/*.yaml); the operator checks them again because a cluster's CRDs can
+# be older than the operator. tests/test_spec_bounds.py runs the hostile corpus through both.
+MAX_WORKLOAD_TTL = dt.timedelta(hours=8784)
+# The renewal point must leave a sane part of the lifetime on both sides: renewBefore within 5 %-90 % of the TTL,
+# i.e. renewal between 10 % and 95 % of the lifetime, the same range renewAtPercent allows.
+RENEW_AT_PERCENT_RANGE = (10, 95)
+RENEW_BEFORE_PERCENT_RANGE = (5, 90)
+# A CRL is re-signed at half its validity and reaches sidecars through kubelet's ConfigMap sync (~propagationDelay):
+# under 5 m there is no room for a missed re-sign before every sidecar fails closed; over 10 d (the CA/Browser
+# Forum's limit for CRLs) a revocation-free replay of an old CRL stays acceptable for too long.
+CRL_VALIDITY_RANGE = (dt.timedelta(minutes=5), dt.timedelta(hours=240))
+# 0 s would let a new CA sign before any bundle carries it; over an hour a CA rotation stalls for no gain.
+PROPAGATION_DELAY_RANGE = (dt.timedelta(seconds=1), dt.timedelta(hours=1))
+CA_VALIDITY_RANGE = (dt.timedelta(hours=1), dt.timedelta(hours=87600))  # 1 h for demos, at most 10 years
+MAX_BACKDATE = dt.timedelta(hours=1)  # clock skew is seconds; an hour is already generous (and capped at TTL/4)
+MAX_CA_ROTATE_BEFORE_PERCENT = 90  # a new CA must live outside its rotation window for a while, or it rotates again
+# ConfigMaps Kubernetes (or its usual add-ons and meshes) write themselves: a bundle under one of these names would
+# fight their owner. Names starting with kube- are the system's by convention; -meshtls-proxy is the sidecar config.
+RESERVED_CONFIGMAP_PREFIX = "kube-"  # kube-root-ca.crt in every namespace, kube-proxy, kube-apiserver-..., ...
+RESERVED_CONFIGMAP_NAMES = ("extension-apiserver-authentication", "cluster-info", "coredns", "kubeadm-config",
+                            "kubelet-config", "istio-ca-root-cert", "openshift-service-ca.crt",
+                            "linkerd-identity-trust-roots")
+SIDECAR_ADMIN_PORT = 15090  # sidecar.config.DEFAULT_ADMIN_PORT: admin and /metrics, on 127.0.0.1 in the pod
+# A TrustDomain's default DNS policy: the identity's own namespace's Service names, in every form a pod resolves.
+# `*` is one label; a leading `**` one or more (pods under a headless Service: web-0.web.<ns>.svc...).
+DEFAULT_ALLOWED_DNS_NAMES = ("*", "*.$(namespace)", "**.$(namespace).svc", "**.$(namespace).svc.cluster.local")
+NAMESPACE_PLACEHOLDER = "$(namespace)"
+MAX_ALLOWED_DNS_NAMES = 64
+_PATTERN_LABEL = r"(\*|[a-z0-9]([-a-z0-9]*[a-z0-9])?|\$\(namespace\))"
+_DNS_PATTERN = re.compile(rf"(\*\*|{_PATTERN_LABEL})(\.{_PATTERN_LABEL})*")
+_OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
+_SPEC_DURATION = re.compile(r"([0-9]+(ms|s|m|h))+")
+_ADDRESS = re.compile(r"([A-Za-z0-9.-]+):([1-9][0-9]{0,4})")
+
 
 class SpecError(PKIError):
     """A spec the operator cannot act on; `reason` becomes the condition reason users see."""
@@ -41,6 +76,20 @@ class SpecError(PKIError):
     def __init__(self, field: str, message: str, reason: str = "InvalidSpec") -> None:
         super().__init__(field, message)
         self.reason = reason
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return type(value).__name__
 
 
 def _get(body: Mapping[str, Any], *path: str) -> Any:
@@ -52,22 +101,80 @@ def _get(body: Mapping[str, Any], *path: str) -> Any:
     return value
 
 
-def _duration(value: Any, field_path: str, default: dt.timedelta) -> dt.timedelta:
-    if value in (None, ""):
-        return default
+def _object(value: Any, field_path: str, what: str = "fields") -> Mapping[str, Any]:
+    """A nested object of the spec; absent is empty, anything but a mapping is refused naming the field."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise SpecError(field_path, f"must be an object (its {what}), not {_kind(value)}")
+    return value
+
+
+def _list(value: Any, field_path: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list | tuple):
+        raise SpecError(field_path, f"must be a list, not {_kind(value)}")
+    return list(value)
+
+
+def _spec(body: Mapping[str, Any], kind: str, required: bool = False) -> Mapping[str, Any]:
+    if required and _get(body, "spec") is None:
+        raise SpecError("spec", f"is required (the {kind} fields, serviceAccountName at least)")
+    return _object(_get(body, "spec"), "spec", f"{kind} fields")
+
+
+def _string(value: Any, field_path: str) -> str:
+    if not isinstance(value, str):
+        raise SpecError(field_path, f"must be a string, not {_kind(value)}")
+    return value
+
+
+def _port(value: Any, field_path: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise SpecError(field_path, f"{value!r} is not a port number (1-65535)")
+    return value
+
+
+def _optional_duration(value: Any, field_path: str) -> dt.timedelta | None:
+    """None when absent; an explicit 0s stays 0s (and is then bounded), never silently the default."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise SpecError(field_path, f"must be a duration string like 90s, 5m or 1h, not {_kind(value)}")
+    if not _SPEC_DURATION.fullmatch(value):  # the CRDs' pattern: Go's units, no days, no blanks
+        raise SpecError(field_path, f"{value[:40]!r} is not a duration like 90s, 5m, 1h or 1h30m (units ms, s, m, h)")
     try:
-        return parse_duration(str(value), field_path)
+        return parse_duration(value, field_path)
     except PKIError as exc:
         raise SpecError(field_path, exc.message) from None
+
+
+def _duration(value: Any, field_path: str, default: dt.timedelta) -> dt.timedelta:
+    parsed = _optional_duration(value, field_path)
+    return default if parsed is None else parsed
+
+
+def _bounded(value: dt.timedelta, field_path: str, bounds: tuple[dt.timedelta, dt.timedelta]) -> dt.timedelta:
+    low, high = bounds
+    if not low <= value <= high:
+        raise SpecError(field_path, f"{format_duration(value)} is outside {format_duration(low)}-"
+                                    f"{format_duration(high)}")
+    return value
 
 
 def _algorithm(value: Any, field_path: str, default: KeyAlgorithm) -> KeyAlgorithm:
-    if value in (None, ""):
+    if value is None:
         return default
     try:
-        return KeyAlgorithm.parse(str(value), field_path)
+        return KeyAlgorithm.parse(_string(value, field_path), field_path)
     except PKIError as exc:
         raise SpecError(field_path, exc.message) from None
+
+
+def _milliseconds(value: dt.timedelta) -> int:
+    """Whole milliseconds, as CEL's duration.getMilliseconds(): the CRDs' percentage rules compare these."""
+    return value // dt.timedelta(milliseconds=1)
 
 
 @dataclass(frozen=True)
@@ -77,6 +184,7 @@ class CertificatePolicy:
     max_ttl: dt.timedelta = DEFAULT_MAX_TTL
     default_key_algorithm: KeyAlgorithm = DEFAULT_KEY_ALGORITHM
     backdate: dt.timedelta = DEFAULT_BACKDATE
+    allowed_dns_names: tuple[str, ...] = DEFAULT_ALLOWED_DNS_NAMES  # patterns; $(namespace) is the identity's
 
 
 @dataclass(frozen=True)
@@ -97,6 +205,36 @@ class TrustDomainSpec:
         return self.ca_rotate_before or validity * DEFAULT_CA_ROTATE_BEFORE_PERCENT / 100
 
 
+def check_bundle_configmap_name(name: str, field_path: str = "spec.bundle.configMapName") -> str:
+    """Refuse names whose ConfigMap someone else writes: meshtls would publish nothing there, or fight the owner."""
+    if not 0 < len(name) <= MAX_OBJECT_NAME or not _DNS_LABEL.fullmatch(name.replace(".", "-")):
+        raise SpecError(field_path, f"{name!r} is not a valid ConfigMap name (RFC 1123 subdomain)")
+    if name in RESERVED_CONFIGMAP_NAMES or name.startswith(RESERVED_CONFIGMAP_PREFIX):
+        raise SpecError(field_path, f"{name!r} is a ConfigMap Kubernetes or another system writes itself "
+                                    f"({RESERVED_CONFIGMAP_PREFIX}* such as kube-root-ca.crt, "
+                                    f"{', '.join(RESERVED_CONFIGMAP_NAMES)}): "
+                                    "choose a name of meshtls's own, e.g. meshtls-bundle")
+    if name.endswith(SIDECAR_CONFIG_SUFFIX):
+        raise SpecError(field_path, f"{name!r} ends in {SIDECAR_CONFIG_SUFFIX}, the suffix of meshtls's sidecar "
+                                    "configs: choose another name")
+    return name
+
+
+def _allowed_dns_names(value: Any, field_path: str) -> tuple[str, ...]:
+    if value is None:
+        return DEFAULT_ALLOWED_DNS_NAMES
+    patterns = _list(value, field_path)
+    if len(patterns) > MAX_ALLOWED_DNS_NAMES:
+        raise SpecError(field_path, f"has {len(patterns)} patterns, at most {MAX_ALLOWED_DNS_NAMES}")
+    for i, pattern in enumerate(patterns):
+        text = _string(pattern, f"{field_path}[{i}]")
+        if len(text) > MAX_DNS_NAME_LENGTH or not _DNS_PATTERN.fullmatch(text):
+            raise SpecError(f"{field_path}[{i}]", f"{text!r} is not a DNS name pattern: lowercase labels, "
+                                                  f"{NAMESPACE_PLACEHOLDER}, * for one label, a leading ** for one "
+                                                  "or more")
+    return tuple(patterns)
+
+
 def parse_trust_domain(body: Mapping[str, Any]) -> TrustDomainSpec:
     name = str(_get(body, "metadata", "name") or "")
     try:
@@ -106,14 +244,18 @@ def parse_trust_domain(body: Mapping[str, Any]) -> TrustDomainSpec:
     if len(name) > MAX_LABEL_VALUE:
         raise SpecError("metadata.name", f"may have at most {MAX_LABEL_VALUE} characters: meshtls labels its Secrets "
                                          "and ConfigMaps with the trust domain")
-    spec = _get(body, "spec") or {}
-    ca = spec.get("ca") or {}
-    certs = spec.get("certificates") or {}
+    spec = _spec(body, "TrustDomain")
+    ca = _object(spec.get("ca"), "spec.ca")
+    certs = _object(spec.get("certificates"), "spec.certificates")
+    bundle = _object(spec.get("bundle"), "spec.bundle")
+    crl = _object(spec.get("crl"), "spec.crl")
     min_ttl = _duration(certs.get("minTTL"), "spec.certificates.minTTL", DEFAULT_MIN_TTL)
     max_ttl = _duration(certs.get("maxTTL"), "spec.certificates.maxTTL", DEFAULT_MAX_TTL)
     default_ttl = _duration(certs.get("defaultTTL"), "spec.certificates.defaultTTL", DEFAULT_TTL)
     if min_ttl < ABSOLUTE_MIN_TTL:
         raise SpecError("spec.certificates.minTTL", f"must be at least {format_duration(ABSOLUTE_MIN_TTL)}")
+    if max_ttl > MAX_WORKLOAD_TTL:
+        raise SpecError("spec.certificates.maxTTL", f"must be at most {format_duration(MAX_WORKLOAD_TTL)}")
     if min_ttl > max_ttl:
         raise SpecError("spec.certificates.minTTL", "must not exceed spec.certificates.maxTTL")
     if not min_ttl <= default_ttl <= max_ttl:
@@ -122,28 +264,63 @@ def parse_trust_domain(body: Mapping[str, Any]) -> TrustDomainSpec:
             raise SpecError("spec.certificates.defaultTTL",
                             f"{format_duration(default_ttl)} is outside minTTL-maxTTL "
                             f"({format_duration(min_ttl)}-{format_duration(max_ttl)})")
+    backdate = _duration(certs.get("backdate"), "spec.certificates.backdate", DEFAULT_BACKDATE)
+    if backdate > MAX_BACKDATE:
+        raise SpecError("spec.certificates.backdate", f"{format_duration(backdate)} is over "
+                                                      f"{format_duration(MAX_BACKDATE)} (clock skew is seconds)")
     secret_ref = _get(ca, "secretRef", "name")
-    bundle = spec.get("bundle") or {}
+    validity = _bounded(_duration(ca.get("validity"), "spec.ca.validity", DEFAULT_CA_VALIDITY), "spec.ca.validity",
+                        CA_VALIDITY_RANGE)
+    if not secret_ref and validity <= max_ttl:
+        raise SpecError("spec.ca.validity", f"{format_duration(validity)} does not outlive a workload certificate "
+                                            f"(spec.certificates.maxTTL {format_duration(max_ttl)}): a CA must live "
+                                            "longer than the leaves it signs")
+    propagation = _bounded(_duration(ca.get("propagationDelay"), "spec.ca.propagationDelay",
+                                     DEFAULT_PROPAGATION_DELAY), "spec.ca.propagationDelay", PROPAGATION_DELAY_RANGE)
+    rotate_before = _optional_duration(ca.get("rotateBefore"), "spec.ca.rotateBefore")
+    if rotate_before is not None:
+        if rotate_before <= propagation:
+            raise SpecError("spec.ca.rotateBefore", f"{format_duration(rotate_before)} must be longer than "
+                                                    f"spec.ca.propagationDelay ({format_duration(propagation)}): "
+                                                    "the old CA would expire before the new one signs")
+        if not secret_ref and _milliseconds(rotate_before) * 100 > _milliseconds(validity) * \
+                MAX_CA_ROTATE_BEFORE_PERCENT:
+            raise SpecError("spec.ca.rotateBefore", f"{format_duration(rotate_before)} is over "
+                                                    f"{MAX_CA_ROTATE_BEFORE_PERCENT} % of spec.ca.validity "
+                                                    f"({format_duration(validity)}): every new CA would start "
+                                                    "inside its rotation window and rotate again")
+    crl_validity = _bounded(_duration(crl.get("validity"), "spec.crl.validity", DEFAULT_CRL_VALIDITY),
+                            "spec.crl.validity", CRL_VALIDITY_RANGE)
+    if crl_validity < 2 * propagation:
+        raise SpecError("spec.crl.validity", f"{format_duration(crl_validity)} is under twice "
+                                             f"spec.ca.propagationDelay ({format_duration(propagation)}): a CRL "
+                                             "re-signed at half its validity must reach every sidecar before it "
+                                             "expires")
+    configmap = check_bundle_configmap_name(_string(bundle.get("configMapName") or DEFAULT_BUNDLE_CONFIGMAP,
+                                                    "spec.bundle.configMapName"))
+    selector = _object(_get(bundle, "namespaceSelector"), "spec.bundle.namespaceSelector")
     return TrustDomainSpec(
         name=name,
         ca_secret_ref=str(secret_ref) if secret_ref else None,
         ca_key_algorithm=_algorithm(ca.get("keyAlgorithm"), "spec.ca.keyAlgorithm", DEFAULT_KEY_ALGORITHM),
-        ca_validity=_duration(ca.get("validity"), "spec.ca.validity", DEFAULT_CA_VALIDITY),
-        ca_rotate_before=_duration(ca.get("rotateBefore"), "spec.ca.rotateBefore", dt.timedelta(0)) or None,
-        ca_propagation_delay=_duration(ca.get("propagationDelay"), "spec.ca.propagationDelay",
-                                       DEFAULT_PROPAGATION_DELAY),
+        ca_validity=validity,
+        ca_rotate_before=rotate_before,
+        ca_propagation_delay=propagation,
         policy=CertificatePolicy(
             default_ttl=default_ttl,
             min_ttl=min_ttl,
             max_ttl=max_ttl,
             default_key_algorithm=_algorithm(certs.get("defaultKeyAlgorithm"),
                                              "spec.certificates.defaultKeyAlgorithm", DEFAULT_KEY_ALGORITHM),
-            backdate=_duration(certs.get("backdate"), "spec.certificates.backdate", DEFAULT_BACKDATE),
+            backdate=backdate,
+            allowed_dns_names=_allowed_dns_names(certs.get("allowedDNSNames"), "spec.certificates.allowedDNSNames"),
         ),
-        bundle_configmap=str(bundle.get("configMapName") or "meshtls-bundle"),
-        bundle_namespace_selector=dict(_get(bundle, "namespaceSelector", "matchLabels") or {}),
-        crl_validity=_duration(_get(spec, "crl", "validity"), "spec.crl.validity", DEFAULT_CRL_VALIDITY),
-        federates_with=tuple(dict(f) for f in spec.get("federatesWith") or []),
+        bundle_configmap=configmap,
+        bundle_namespace_selector=dict(_object(selector.get("matchLabels"),
+                                               "spec.bundle.namespaceSelector.matchLabels", "labels")),
+        crl_validity=crl_validity,
+        federates_with=tuple(dict(_object(f, f"spec.federatesWith[{i}]"))
+                             for i, f in enumerate(_list(spec.get("federatesWith"), "spec.federatesWith"))),
     )
 
 
@@ -196,25 +373,100 @@ class EffectiveIdentity:
     backdate: dt.timedelta
 
 
+def _inbound(value: Any) -> tuple[InboundPort, ...]:
+    ports = []
+    for i, item in enumerate(_list(value, "spec.inbound")):
+        item = _object(item, f"spec.inbound[{i}]")
+        port = _port(item.get("port"), f"spec.inbound[{i}].port")
+        app_port = _port(item.get("appPort"), f"spec.inbound[{i}].appPort")
+        if port == app_port:
+            raise SpecError(f"spec.inbound[{i}].appPort", f"equals port {port}: port and appPort must differ")
+        ports.append(InboundPort(port, app_port))
+    return tuple(ports)
+
+
+def _outbound(value: Any) -> tuple[OutboundUpstream, ...]:
+    upstreams = []
+    for i, item in enumerate(_list(value, "spec.outbound")):
+        item = _object(item, f"spec.outbound[{i}]")
+        listen_port = _port(item.get("listenPort"), f"spec.outbound[{i}].listenPort")
+        address = _string(item.get("address"), f"spec.outbound[{i}].address")
+        match = _ADDRESS.fullmatch(address)
+        if not match or not 1 <= int(match.group(2)) <= 65535:
+            raise SpecError(f"spec.outbound[{i}].address", f"{address[:300]!r} must be host:port with a port "
+                                                           "1-65535 (no leading zero)")
+        peer = _string(item.get("peer"), f"spec.outbound[{i}].peer")
+        try:
+            parse_spiffe_id(peer[:-2] if peer.endswith("/*") else peer, f"spec.outbound[{i}].peer")
+        except PKIError as exc:
+            raise SpecError(exc.field, exc.message) from None
+        upstreams.append(OutboundUpstream(listen_port, address, peer))
+    return tuple(upstreams)
+
+
+def check_sidecar_ports(inbound: tuple[InboundPort, ...], outbound: tuple[OutboundUpstream, ...]) -> None:
+    """The sidecar config as a whole: every port the sidecar or the app listens on in the pod is used once.
+
+    The CRD refuses the same collisions with CEL (crds/workloadidentities.meshtls.dev.yaml); this names the item.
+    """
+    owner: dict[int, str] = {SIDECAR_ADMIN_PORT: "the sidecar's admin and metrics port"}
+    for i, r in enumerate(inbound):
+        if r.port in owner:
+            raise SpecError(f"spec.inbound[{i}].port", f"{r.port} is already {owner[r.port]}: each port may be used "
+                                                       "once")
+        owner[r.port] = f"spec.inbound[{i}].port"
+    apps: dict[int, str] = {}
+    for i, r in enumerate(inbound):  # the app listens on appPort in the same pod: no sidecar listener may take it
+        if r.app_port in owner:
+            raise SpecError(f"spec.inbound[{i}].appPort", f"{r.app_port} is already {owner[r.app_port]}: the app's "
+                                                          "port must differ from every port the sidecar listens on")
+        apps.setdefault(r.app_port, f"spec.inbound[{i}].appPort")  # two inbound ports may lead to one app port
+    for i, u in enumerate(outbound):
+        field_path = f"spec.outbound[{i}].listenPort"
+        taken = owner.get(u.listen_port) or apps.get(u.listen_port)
+        if taken:
+            raise SpecError(field_path, f"{u.listen_port} is already {taken}: each port may be used once")
+        owner[u.listen_port] = field_path
+
+
+def _percent(value: Any) -> int | None:
+    if value is None:
+        return None
+    low, high = RENEW_AT_PERCENT_RANGE
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise SpecError("spec.renewAtPercent", f"{value!r} is not a whole percentage within {low}-{high}")
+    return value
+
+
 def parse_workload_identity(body: Mapping[str, Any]) -> WorkloadIdentitySpec:
     namespace = str(_get(body, "metadata", "namespace") or "")
     name = str(_get(body, "metadata", "name") or "")
-    spec = _get(body, "spec") or {}
+    spec = _spec(body, "WorkloadIdentity", required=True)
     sa = spec.get("serviceAccountName")
-    if not isinstance(sa, str) or not sa:
+    if sa is None or sa == "":
         raise SpecError("spec.serviceAccountName", "is required")
+    sa = _string(sa, "spec.serviceAccountName")
     if len(sa) > 253 or not all(_DNS_LABEL.fullmatch(part) for part in sa.split(".")):
-        raise SpecError("spec.serviceAccountName", f"{sa!r} is not a valid ServiceAccount name (RFC 1123 subdomain)")
-    dns_names = tuple(spec.get("dnsNames") or ())
+        raise SpecError("spec.serviceAccountName", f"{sa[:300]!r} is not a valid ServiceAccount name (RFC 1123 "
+                                                   "subdomain)")
+    dns_names = tuple(_string(n, f"spec.dnsNames[{i}]") for i, n in enumerate(_list(spec.get("dnsNames"),
+                                                                                       "spec.dnsNames")))
     for i, n in enumerate(dns_names):
         try:
-            validate_dns_name(str(n), f"spec.dnsNames[{i}]")
+            validate_dns_name(n, f"spec.dnsNames[{i}]")
         except PKIError as exc:
             raise SpecError(exc.field, exc.message) from None
-    percent = spec.get("renewAtPercent")
-    if percent is not None and not (10 <= float(percent) <= 95):
-        raise SpecError("spec.renewAtPercent", f"{percent} is outside 10-95")
-    allowed = tuple(str(p) for p in spec.get("allowedPeers") or ())
+    percent = _percent(spec.get("renewAtPercent"))
+    renew_before = _optional_duration(spec.get("renewBefore"), "spec.renewBefore")
+    if percent is not None and renew_before is not None:
+        raise SpecError("spec.renewBefore", "set spec.renewBefore or spec.renewAtPercent, not both")
+    ttl = _optional_duration(spec.get("ttl"), "spec.ttl")
+    if ttl is not None:
+        _bounded(ttl, "spec.ttl", (ABSOLUTE_MIN_TTL, MAX_WORKLOAD_TTL))
+        if renew_before is not None:
+            check_renew_before(renew_before, ttl)
+    allowed = tuple(_string(p, f"spec.allowedPeers[{i}]")
+                    for i, p in enumerate(_list(spec.get("allowedPeers"), "spec.allowedPeers")))
     for i, pattern in enumerate(allowed):
         try:
             if pattern != "*":
@@ -222,49 +474,91 @@ def parse_workload_identity(body: Mapping[str, Any]) -> WorkloadIdentitySpec:
         except PKIError as exc:
             raise SpecError(exc.field, exc.message) from None
     td = spec.get("trustDomain")
-    if td:
+    if td is not None and td != "":
         try:
-            validate_trust_domain(str(td), "spec.trustDomain")
+            validate_trust_domain(_string(td, "spec.trustDomain"), "spec.trustDomain")
         except PKIError as exc:
             raise SpecError(exc.field, exc.message) from None
-    secret_name = str(spec.get("secretName") or f"{name}-mtls")
+    secret_name = _string(spec.get("secretName") or f"{name}-mtls", "spec.secretName")
+    if not _OBJECT_NAME.fullmatch(secret_name):
+        raise SpecError("spec.secretName", f"{secret_name[:60]!r} is not a valid Secret name (lowercase RFC 1123 "
+                                           "subdomain)")
     if len(secret_name) > MAX_OBJECT_NAME:
         raise SpecError("spec.secretName", f"the Secret name {secret_name[:40]}... would have {len(secret_name)} "
                                            f"characters (at most {MAX_OBJECT_NAME}): set a shorter spec.secretName")
-    if (spec.get("inbound") or spec.get("outbound")) and len(name + SIDECAR_CONFIG_SUFFIX) > MAX_OBJECT_NAME:
+    inbound, outbound = _inbound(spec.get("inbound")), _outbound(spec.get("outbound"))
+    check_sidecar_ports(inbound, outbound)
+    if (inbound or outbound) and len(name + SIDECAR_CONFIG_SUFFIX) > MAX_OBJECT_NAME:
         raise SpecError("metadata.name", f"the sidecar ConfigMap {name[:40]}...{SIDECAR_CONFIG_SUFFIX} would exceed "
                                          f"{MAX_OBJECT_NAME} characters: use a shorter name")
+    selector = _object(spec.get("podSelector"), "spec.podSelector")
     return WorkloadIdentitySpec(
         namespace=namespace,
         name=name,
         service_account=sa,
         trust_domain=str(td) if td else None,
         dns_names=dns_names,
-        ttl=_duration(spec.get("ttl"), "spec.ttl", dt.timedelta(0)) or None,
-        renew_before=_duration(spec.get("renewBefore"), "spec.renewBefore", dt.timedelta(0)) or None,
+        ttl=ttl,
+        renew_before=renew_before,
         renew_at_percent=float(percent) if percent is not None else None,
         key_algorithm=_algorithm(spec.get("keyAlgorithm"), "spec.keyAlgorithm", DEFAULT_KEY_ALGORITHM)
-        if spec.get("keyAlgorithm") else None,
+        if spec.get("keyAlgorithm") is not None else None,
         secret_name=secret_name,
-        pod_selector=dict(_get(spec, "podSelector", "matchLabels") or {}),
-        inbound=tuple(InboundPort(int(p["port"]), int(p["appPort"])) for p in spec.get("inbound") or ()),
-        outbound=tuple(OutboundUpstream(int(u["listenPort"]), str(u["address"]), str(u["peer"]))
-                       for u in spec.get("outbound") or ()),
+        pod_selector=dict(_object(selector.get("matchLabels"), "spec.podSelector.matchLabels", "labels")),
+        inbound=inbound,
+        outbound=outbound,
         allowed_peers=allowed,
     )
 
 
+def check_renew_before(renew_before: dt.timedelta, ttl: dt.timedelta) -> None:
+    """renewBefore must put the renewal between 10 % and 95 % of the lifetime: 5 %-90 % of the TTL before expiry."""
+    low, high = RENEW_BEFORE_PERCENT_RANGE
+    before, lifetime = _milliseconds(renew_before), _milliseconds(ttl)
+    if not low * lifetime <= 100 * before <= high * lifetime:
+        raise SpecError("spec.renewBefore", f"{format_duration(renew_before)} is {100 * before / lifetime:.0f} % of "
+                                            f"the ttl {format_duration(ttl)}; it must lie within {low}-{high} % of "
+                                            f"it ({format_duration(ttl * low / 100)}-"
+                                            f"{format_duration(ttl * high / 100)}), so that renewal falls between "
+                                            f"{100 - high} % and {100 - low} % of the lifetime")
+
+
+def dns_name_patterns(patterns: tuple[str, ...], namespace: str) -> tuple[str, ...]:
+    return tuple(p.replace(NAMESPACE_PLACEHOLDER, namespace) for p in patterns)
+
+
+def _pattern_regex(pattern: str) -> re.Pattern[str]:
+    parts = []
+    for i, label in enumerate(pattern.split(".")):
+        if label == "**" and i == 0:
+            parts.append(r"[^.]+(\.[^.]+)*")
+        elif label == "*":
+            parts.append(r"[^.]+")  # one label, which may itself be a name's wildcard label
+        else:
+            parts.append(re.escape(label))
+    return re.compile(r"\.".join(parts))
+
+
+def dns_name_allowed(name: str, namespace: str, patterns: tuple[str, ...]) -> bool:
+    return any(_pattern_regex(p).fullmatch(name) for p in dns_name_patterns(patterns, namespace))
+
+
 def resolve_identity(spec: WorkloadIdentitySpec, td: TrustDomainSpec) -> EffectiveIdentity:
-    """Apply the trust domain's defaults and check what only it can bound (the TTL range)."""
+    """Apply the trust domain's defaults and check what only it can bound (TTL range, renewal point, DNS names)."""
     policy = td.policy
     ttl = spec.ttl or policy.default_ttl
     if not policy.min_ttl <= ttl <= policy.max_ttl:
         raise SpecError("spec.ttl", f"{format_duration(ttl)} is outside the trust domain's range "
                                     f"{format_duration(policy.min_ttl)}-{format_duration(policy.max_ttl)}",
                         reason="TTLOutOfRange")
-    if spec.renew_before is not None and spec.renew_before >= ttl:
-        raise SpecError("spec.renewBefore", f"{format_duration(spec.renew_before)} must be shorter than the "
-                                            f"ttl {format_duration(ttl)}")
+    if spec.renew_before is not None:
+        check_renew_before(spec.renew_before, ttl)
+    for i, dns_name in enumerate(spec.dns_names):
+        if not dns_name_allowed(dns_name, spec.namespace, policy.allowed_dns_names):
+            allowed = ", ".join(dns_name_patterns(policy.allowed_dns_names, spec.namespace)) or "no DNS names"
+            raise SpecError(f"spec.dnsNames[{i}]", f"{dns_name!r} is outside what TrustDomain {td.name} allows in "
+                                                   f"namespace {spec.namespace}: {allowed} "
+                                                   "(spec.certificates.allowedDNSNames)", reason="DNSNameNotAllowed")
     return EffectiveIdentity(
         spec=spec,
         trust_domain=td.name,

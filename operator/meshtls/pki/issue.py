@@ -56,10 +56,18 @@ def format_serial(serial: int) -> str:
 _DNS_NAME = re.compile(r"(\*\.)?([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
 
 
+# A numeric last label (decimal, or 0x hex as inet_aton reads it) makes an IP literal, never a host name (no
+# top-level domain is numeric): 10.0.0.1, 167772161, 0x7f.1 would be minted as dNSName SANs no client matches.
+_IP_LITERAL = re.compile(r"(^|.*\.)([0-9]+|0x[0-9a-f]*)")
+
+
 def validate_dns_name(name: str, field: str = "dnsNames") -> str:
-    """A lowercase RFC 1123 name, optionally with one leading wildcard label."""
+    """A lowercase RFC 1123 name, optionally with one leading wildcard label; never an IP literal."""
     if not 0 < len(name) <= MAX_DNS_NAME_LENGTH or not _DNS_NAME.fullmatch(name):
         raise PKIError(field, f"{name!r} is not a lowercase RFC 1123 DNS name (max {MAX_DNS_NAME_LENGTH} characters)")
+    if _IP_LITERAL.fullmatch(name):
+        raise PKIError(field, f"{name!r} is an IP address, not a DNS name (its last label is numeric): meshtls mints "
+                              "DNS names only")
     return name
 
 

@@ -95,6 +95,28 @@ def _list(data: dict[str, Any], key: str) -> list[Any]:
     return value
 
 
+def check_listening_ports(inbound: list[InboundRoute], outbound: list[OutboundRoute], admin_port: int) -> None:
+    """Every port the sidecar or the app listens on in the pod is used once (meshtls.api.model mirrors this)."""
+    owner: dict[int, str] = {admin_port: "admin.port"}
+    for i, r in enumerate(inbound):
+        if r.port in owner:
+            raise PKIError(f"inbound[{i}].port", f"{r.port} is already {owner[r.port]}: listening ports must be "
+                                                 "distinct")
+        owner[r.port] = f"inbound[{i}].port"
+    apps: dict[int, str] = {}
+    for i, r in enumerate(inbound):  # the app listens on appPort in the same network namespace
+        if r.app_port in owner:
+            raise PKIError(f"inbound[{i}].appPort", f"{r.app_port} is already {owner[r.app_port]}: the app's port "
+                                                    "must differ from every port the sidecar listens on")
+        apps.setdefault(r.app_port, f"inbound[{i}].appPort")
+    for i, u in enumerate(outbound):
+        taken = owner.get(u.listen_port) or apps.get(u.listen_port)
+        if taken:
+            raise PKIError(f"outbound[{i}].listenPort", f"{u.listen_port} is already {taken}: listening ports must "
+                                                        "be distinct")
+        owner[u.listen_port] = f"outbound[{i}].listenPort"
+
+
 def parse_sidecar_config(data: dict[str, Any]) -> SidecarConfig:
     """Validate a config mapping; errors name the field path (e.g. `inbound[0].appPort`)."""
     if not isinstance(data, dict):
@@ -119,8 +141,8 @@ def parse_sidecar_config(data: dict[str, Any]) -> SidecarConfig:
         r = _mapping(r, f"outbound[{i}]")
         address = r.get("address")
         host, _, port = str(address or "").rpartition(":")
-        if not host or not port.isdigit():
-            raise PKIError(f"outbound[{i}].address", f"{address!r} must be host:port")
+        if not host or not port.isdigit() or port.startswith("0") or len(port) > 5:
+            raise PKIError(f"outbound[{i}].address", f"{address!r} must be host:port (port 1-65535)")
         _port(int(port), f"outbound[{i}].address")
         outbound.append(OutboundRoute(
             listen_port=_port(r.get("listenPort"), f"outbound[{i}].listenPort"),
@@ -134,10 +156,8 @@ def parse_sidecar_config(data: dict[str, Any]) -> SidecarConfig:
     interval = float(raw_interval)
     if not 0.05 <= interval <= 60:
         raise PKIError("reloadIntervalSeconds", f"{interval} is outside 0.05-60")
-    ports = [r.port for r in inbound] + [r.listen_port for r in outbound]
     admin_port = _port(admin.get("port", DEFAULT_ADMIN_PORT), "admin.port")
-    if len({*ports, admin_port}) != len(ports) + 1:
-        raise PKIError("inbound/outbound", "listening ports must be distinct (including admin.port)")
+    check_listening_ports(inbound, outbound, admin_port)
     return SidecarConfig(
         spiffe_id=spiffe_id,
         identity_dir=str(data.get("identityDir", IDENTITY_DIR)),
