@@ -424,7 +424,7 @@ def test_a_sidecar_config_over_the_configmap_limit_is_refused_with_its_fields(
         peers: int, peer_length: int, inbound: int, outbound: int) -> None:
     spec = {"allowedPeers": [long_peer(i, peer_length) for i in range(peers)],
             "inbound": [{"port": 8443 + i, "appPort": 9000 + i} for i in range(inbound)],
-            "outbound": [{"listenPort": 15000 + i, "address": f"svc{i}.shop.svc:443",
+            "outbound": [{"listenPort": 16000 + i, "address": f"svc{i}.shop.svc:443",
                           "peer": long_peer(i, 2048)} for i in range(outbound)]}
     identity = effective(**spec)
     text = render_sidecar_config(identity).to_yaml()
@@ -443,7 +443,7 @@ def test_the_probe_sidecar_config_is_too_large() -> None:
     """256 allowedPeers of 2048 characters on two inbound routes and 32 outbound: over 1 MiB."""
     identity = effective(allowedPeers=[long_peer(i, 2048) for i in range(256)],
                          inbound=[{"port": 8443, "appPort": 8080}, {"port": 9443, "appPort": 9080}],
-                         outbound=[{"listenPort": 15000 + i, "address": f"s{i}.shop.svc:443",
+                         outbound=[{"listenPort": 16000 + i, "address": f"s{i}.shop.svc:443",
                                     "peer": long_peer(i, 2048)} for i in range(32)])
     with pytest.raises(SpecError, match="ConfigMap limit"):
         check_publishable(identity, render_sidecar_config(identity).to_yaml())
