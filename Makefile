@@ -53,7 +53,7 @@ demo: venv cluster-build
 	$(if $(filter command line,$(origin KUBECONFIG)),MESHTLS_USE_EXISTING_CLUSTER=1 KUBECONFIG=$(KUBECONFIG),) $(PY) -m e2e.demo
 
 bench-pki: venv
-	$(PY) -m meshtls.pki.bench
+	$(PY) -m bench.pki
 
 bench: venv cluster-build
 	$(PY) -m bench.run

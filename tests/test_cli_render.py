@@ -486,7 +486,7 @@ def test_dashboard_uses_only_metrics_that_are_exported() -> None:
     import re
 
     from meshtls.handlers import metrics
-    from meshtls.sidecar.admin import Gauges, Stats, render_metrics
+    from meshtls.proxy.admin import Gauges, Stats, render_metrics
 
     stats = Stats()
     stats.handshakes[("inbound", "success")] += 1

@@ -33,7 +33,7 @@ from meshtls.pki import (
     workload_spiffe_id,
 )
 from meshtls.sidecar.config import parse_sidecar_config
-from meshtls.sidecar.proxy import Proxy
+from meshtls.proxy.server import Proxy
 
 TD = "example.org"
 RELOAD = 0.1  # seconds; the tests' reload interval

@@ -25,7 +25,7 @@ from meshtls.sidecar.target import (
     InjectionOptions,
     InjectionTarget,
 )
-from meshtls.sidecar.tlsfiles import BUNDLE_FILE, CRL_FILE
+from meshtls.dataplane.layout import BUNDLE_FILE, CRL_FILE
 
 SIDECAR_UID = 65532  # the conventional "nonroot" user of distroless images
 READY_PATH = "/readyz"
