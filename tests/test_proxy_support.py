@@ -32,8 +32,8 @@ from meshtls.pki import (
     issue_svid,
     workload_spiffe_id,
 )
-from meshtls.sidecar.config import parse_sidecar_config
 from meshtls.proxy.server import Proxy
+from meshtls.sidecar.config import parse_sidecar_config
 
 TD = "example.org"
 RELOAD = 0.1  # seconds; the tests' reload interval
