@@ -32,7 +32,7 @@ test-unit: venv
 	$(PY) -m pytest -q tests
 
 lint: venv
-	$(BIN)/ruff check operator tests e2e bench
+	$(BIN)/ruff check operator tests e2e bench testsupport
 	$(BIN)/mypy
 	cd operator && ../$(BIN)/lint-imports ../.importlinter
 
