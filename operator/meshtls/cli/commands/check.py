@@ -12,9 +12,7 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from meshtls.api.constants import (
-    DEFAULT_BUNDLE_CONFIGMAP,
-)
+from meshtls.api.constants import DEFAULT_BUNDLE_CONFIGMAP
 from meshtls.api.objects import ABSENT
 from meshtls.cli import checks as verdicts
 from meshtls.cli.commands.cluster import (

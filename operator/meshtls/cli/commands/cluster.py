@@ -12,26 +12,14 @@ from typing import Any
 
 from rich.text import Text
 
-from meshtls.api.constants import (
-    DEFAULT_BUNDLE_CONFIGMAP,
-)
+from meshtls.api.constants import DEFAULT_BUNDLE_CONFIGMAP
 from meshtls.api.durations import parse_duration
 from meshtls.cli.errors import CommandFailed, UsageError
 from meshtls.cli.output import Output
-from meshtls.cli.views.identities import (
-    condition,
-)
+from meshtls.cli.views.identities import condition
 from meshtls.kube.client import ApiError, Kube, NotFound
-from meshtls.kube.queries import (
-    Connection,
-    KubeconfigError,
-    connect_cli,
-    connection_problem,
-)
-from meshtls.pki import (
-    PKIError,
-    RevocationReason,
-)
+from meshtls.kube.queries import Connection, KubeconfigError, connect_cli, connection_problem
+from meshtls.pki import PKIError, RevocationReason
 
 # The injector's names (meshtls.handlers.webhook.CONFIGURATION_NAME and TLS_SECRET); kept here so that `check`
 # does not import the webhook server.

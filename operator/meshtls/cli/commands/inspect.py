@@ -6,28 +6,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from meshtls.api.constants import (
-    LABEL_IDENTITY,
-    LABEL_TRUST_DOMAIN,
-)
-from meshtls.cli.commands.cluster import (
-    bundle_name_of,
-    require_namespace,
-    utc_now,
-    with_cluster,
-)
+from meshtls.api.constants import LABEL_IDENTITY, LABEL_TRUST_DOMAIN
+from meshtls.cli.commands.cluster import bundle_name_of, require_namespace, utc_now, with_cluster
 from meshtls.cli.errors import CommandFailed, UsageError
 from meshtls.cli.inspection import inspect_report
 from meshtls.cli.output import Output
 from meshtls.cli.views.inspect import inspect_renderable
-from meshtls.kube.queries import (
-    Connection,
-)
-from meshtls.pki import (
-    PKIError,
-    load_certificates,
-    svid_spiffe_id,
-)
+from meshtls.kube.queries import Connection
+from meshtls.pki import PKIError, load_certificates, svid_spiffe_id
 
 
 def inspect(args: argparse.Namespace) -> int:

@@ -9,9 +9,7 @@ from typing import Any
 
 from rich.text import Text
 
-from meshtls.api.constants import (
-    ANNOTATION_RENEW,
-)
+from meshtls.api.constants import ANNOTATION_RENEW
 from meshtls.cli.commands.cluster import (
     get_identity,
     identity_key,
@@ -26,9 +24,7 @@ from meshtls.cli.commands.cluster import (
 )
 from meshtls.cli.errors import CommandFailed
 from meshtls.cli.output import Output
-from meshtls.kube.queries import (
-    Connection,
-)
+from meshtls.kube.queries import Connection
 
 
 def renew(args: argparse.Namespace, conn: Connection) -> int:

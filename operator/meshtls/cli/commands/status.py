@@ -7,9 +7,7 @@ import datetime as dt
 import sys
 from typing import Any
 
-from meshtls.api.constants import (
-    KIND_WORKLOAD_IDENTITY,
-)
+from meshtls.api.constants import KIND_WORKLOAD_IDENTITY
 from meshtls.cli.commands.cluster import (
     get_identity,
     identity_key,
@@ -20,16 +18,8 @@ from meshtls.cli.commands.cluster import (
 )
 from meshtls.cli.errors import CommandFailed
 from meshtls.cli.output import Output
-from meshtls.cli.views.identities import (
-    identities_table,
-    identity_detail,
-    identity_detail_data,
-    identity_row,
-)
-from meshtls.kube.queries import (
-    Connection,
-    object_events,
-)
+from meshtls.cli.views.identities import identities_table, identity_detail, identity_detail_data, identity_row
+from meshtls.kube.queries import Connection, object_events
 
 
 def status(args: argparse.Namespace, conn: Connection) -> int:

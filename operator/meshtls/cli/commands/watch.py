@@ -6,20 +6,12 @@ import argparse
 import os
 import sys
 
-from meshtls.api.constants import (
-    KIND_WORKLOAD_IDENTITY,
-)
+from meshtls.api.constants import KIND_WORKLOAD_IDENTITY
 from meshtls.cli.arguments import WATCHED_REASONS
-from meshtls.cli.commands.cluster import (
-    namespace_scope,
-    require_namespace,
-)
+from meshtls.cli.commands.cluster import namespace_scope, require_namespace
 from meshtls.cli.output import Output
 from meshtls.cli.views.events import event_row, watch_line
-from meshtls.kube.queries import (
-    Connection,
-    watch_events,
-)
+from meshtls.kube.queries import Connection, watch_events
 
 
 def watch(args: argparse.Namespace, conn: Connection) -> int:
