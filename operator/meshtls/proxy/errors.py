@@ -6,7 +6,7 @@ from __future__ import annotations
 import ssl
 from typing import Any
 
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0  # seconds; enforced by splice, defined here because its expiry is a rejection reason
 
 # OpenSSL X509_V_ERR_* codes a sidecar operator will want told apart.
 _VERIFY_REASONS = {
