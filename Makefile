@@ -32,7 +32,7 @@ test-unit: venv
 	$(PY) -m pytest -q tests
 
 lint: venv
-	$(BIN)/ruff check operator tests e2e bench
+	$(BIN)/ruff check operator tests e2e bench testsupport
 	$(BIN)/mypy
 	cd operator && ../$(BIN)/lint-imports ../.importlinter
 
@@ -53,7 +53,7 @@ demo: venv cluster-build
 	$(if $(filter command line,$(origin KUBECONFIG)),MESHTLS_USE_EXISTING_CLUSTER=1 KUBECONFIG=$(KUBECONFIG),) $(PY) -m e2e.demo
 
 bench-pki: venv
-	$(PY) -m meshtls.pki.bench
+	$(PY) -m bench.pki
 
 bench: venv cluster-build
 	$(PY) -m bench.run

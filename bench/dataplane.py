@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from e2e.kubelet import SidecarProcess, bundle_files, identity_files, write_atomic_volume
+from testsupport.kubelet import SidecarProcess, bundle_files, identity_files, write_atomic_volume
 
 from bench.common import Knobs, LoadMeter, Profiler, children, cpu_seconds, pct, prom_value, pss_bytes, rss_bytes, say
 from meshtls.pki import (

@@ -51,6 +51,16 @@ class Kube:
     def trust_domain(self, name: str) -> dict[str, Any]:
         return dict(self.custom.get_cluster_custom_object(GROUP, VERSION, "trustdomains", name))
 
+    def delete_trust_domain(self, name: str, operator_namespace: str = "meshtls-system") -> None:
+        """The TrustDomain and the CA state Secret the operator keeps for it, whichever of them exists."""
+        for delete in (lambda: self.custom.delete_cluster_custom_object(GROUP, VERSION, "trustdomains", name),
+                       lambda: self.core.delete_namespaced_secret(f"meshtls-ca-{name}", operator_namespace)):
+            try:
+                delete()
+            except ApiException as exc:
+                if exc.status != 404:
+                    raise
+
     def create_identity(self, namespace: str, name: str, spec: dict[str, Any],
                         annotations: dict[str, str] | None = None) -> dict[str, Any]:
         body = {"apiVersion": f"{GROUP}/{VERSION}", "kind": "WorkloadIdentity",

@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from testsupport.kubelet import SidecarProcess, write_atomic_volume
 
-from e2e.kubelet import SidecarProcess, write_atomic_volume
 from e2e.operator_process import free_port
 
 SIDECAR = "meshtls-proxy"

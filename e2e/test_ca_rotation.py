@@ -16,6 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from kubernetes import client
+from testsupport.threads import BackgroundThreads
 
 from e2e.kube_helpers import Kube, wait_for
 from e2e.mesh import Mesh, http_get
@@ -39,7 +40,7 @@ def phase(kube: Kube, td: str) -> str:
     return str(kube.trust_domain(td).get("status", {}).get("rotation", {}).get("phase", ""))
 
 
-class Traffic:
+class Traffic(BackgroundThreads):
     """Requests in a loop through the client sidecar, and a checker that every certificate in use verifies
     against every namespace's bundle (as the sidecars have it mounted) at every moment."""
 
@@ -48,19 +49,9 @@ class Traffic:
         self.requests = 0
         self.failures: list[str] = []
         self.unverified: list[str] = []
-        self._stop = threading.Event()
+        super().__init__()
         self._threads = [threading.Thread(target=self._load, daemon=True),
                          threading.Thread(target=self._verify, daemon=True)]
-
-    def __enter__(self) -> Traffic:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(10)
 
     def _load(self) -> None:
         while not self._stop.is_set():

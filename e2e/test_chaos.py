@@ -25,6 +25,7 @@ import pytest
 from cryptography import x509
 from kubernetes import client, watch
 from kubernetes.client.exceptions import ApiException
+from testsupport.threads import BackgroundThreads
 
 from e2e.harness import Cluster
 from e2e.kube_helpers import GROUP, VERSION, Kube, is_ready, ready_condition, wait_for
@@ -158,7 +159,7 @@ class Watcher(threading.Thread):
                 self.stop.wait(0.5)
 
 
-class SerialObserver:
+class SerialObserver(BackgroundThreads):
     """Every serial the cluster shows for each identity in some namespaces: every version of every managed Secret
     (the leaf in tls.crt) and every status (serialNumber, activeSerials), collected while a test runs."""
 
@@ -170,22 +171,14 @@ class SerialObserver:
         self.status_serials: dict[Key, set[int]] = defaultdict(set)
         self.owners: dict[int, set[Key]] = defaultdict(set)
         self.secret_versions = 0
-        self._stop = threading.Event()
+        super().__init__()
         self._threads = [
             Watcher(kube.core.list_secret_for_all_namespaces, self._on_secret, self._stop, label_selector=MANAGED),
             Watcher(lambda **kw: kube.custom.list_cluster_custom_object(GROUP, VERSION, "workloadidentities", **kw),
                     self._on_identity, self._stop),
         ]
 
-    def __enter__(self) -> SerialObserver:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(15)
+    join_timeout = 15.0
 
     def _on_secret(self, kind: str, obj: dict[str, Any]) -> None:
         meta = obj.get("metadata", {})

@@ -346,7 +346,6 @@ def test_check_fails_naming_a_bundle_that_does_not_verify_an_identity(
     if not operator.running:
         operator.start()
     core = client.CoreV1Api(kube_api)
-    custom = client.CustomObjectsApi(kube_api)
     suffix = uuid.uuid4().hex[:6]
     tds = {"a": f"a-{suffix}.meshtls.test", "b": f"b-{suffix}.meshtls.test"}
     bundle = {"a": "bundle-a", "b": "bundle-b"}
@@ -401,13 +400,7 @@ def test_check_fails_naming_a_bundle_that_does_not_verify_an_identity(
         if not operator.running:
             operator.start()
         for td in tds.values():
-            for delete in (lambda: custom.delete_cluster_custom_object(GROUP, VERSION, "trustdomains", td),  # noqa: B023
-                           lambda: core.delete_namespaced_secret(f"meshtls-ca-{td}", "meshtls-system")):  # noqa: B023
-                try:
-                    delete()
-                except ApiException as exc:
-                    if exc.status != 404:
-                        raise
+            kube.delete_trust_domain(td)
 
 
 def test_check_judges_a_shared_bundle_for_every_trust_domain_it_serves(
@@ -421,7 +414,6 @@ def test_check_judges_a_shared_bundle_for_every_trust_domain_it_serves(
     if not operator.running:
         operator.start()
     core = client.CoreV1Api(kube_api)
-    custom = client.CustomObjectsApi(kube_api)
     suffix = uuid.uuid4().hex[:6]
     tds = {"a": f"a-{suffix}.meshtls.test", "b": f"b-{suffix}.meshtls.test"}
     try:
@@ -451,13 +443,7 @@ def test_check_judges_a_shared_bundle_for_every_trust_domain_it_serves(
         if not operator.running:
             operator.start()
         for td in tds.values():
-            for delete in (lambda: custom.delete_cluster_custom_object(GROUP, VERSION, "trustdomains", td),  # noqa: B023
-                           lambda: core.delete_namespaced_secret(f"meshtls-ca-{td}", "meshtls-system")):  # noqa: B023
-                try:
-                    delete()
-                except ApiException as exc:
-                    if exc.status != 404:
-                        raise
+            kube.delete_trust_domain(td)
 
 
 def _b64(data: bytes) -> str:

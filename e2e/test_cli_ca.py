@@ -17,10 +17,9 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
 from e2e.harness import Cluster
-from e2e.kube_helpers import GROUP, VERSION, Kube, is_ready, wait_for
+from e2e.kube_helpers import GROUP, Kube, is_ready, wait_for
 from e2e.operator_process import OperatorProcess
 from e2e.test_cli import BIN, meshtls
 from meshtls.pki import generate_ca
@@ -34,15 +33,8 @@ def trust_domains(kube: Kube, kube_api: client.ApiClient) -> Iterator[list[str]]
     """TrustDomains the test creates, deleted afterwards with their CA state Secrets."""
     created: list[str] = []
     yield created
-    core = client.CoreV1Api(kube_api)
     for name in created:
-        for delete in (lambda: kube.custom.delete_cluster_custom_object(GROUP, VERSION, "trustdomains", name),  # noqa: B023
-                       lambda: core.delete_namespaced_secret(f"meshtls-ca-{name}", "meshtls-system")):  # noqa: B023
-            try:
-                delete()
-            except ApiException as exc:
-                if exc.status != 404:
-                    raise
+        kube.delete_trust_domain(name)
 
 
 def ready_trust_domain(kube: Kube, created: list[str], spec: dict[str, Any]) -> str:

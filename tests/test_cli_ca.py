@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 
-from meshtls.cli import ca_ops, ca_view
+from meshtls.cli.commands import ca as ca_command
 from meshtls.cli.errors import CommandFailed
 from meshtls.cli.main import build_parser, main
-from meshtls.cli.render import Output
+from meshtls.cli.output import Output
+from meshtls.cli.views import trust_domains
 from meshtls.kube.client import ApiError
 from meshtls.kube.queries import Connection
 from meshtls.lifecycle.ca_rotation import PREPARING, ROTATING, STABLE, RotationState, next_rotation_step
@@ -54,26 +55,26 @@ def td(name: str = "example.org", ready: bool | None = True, phase: str | None =
 def test_row_carries_every_column_with_full_fingerprints(phase: str | None, brought: str | None) -> None:
     body = td(phase=phase, brought=brought, nxt=NEW if phase == PREPARING else None,
               previous=NEW if phase == ROTATING else None)
-    row = ca_view.trust_domain_row(body)
+    row = trust_domains.trust_domain_row(body)
     assert row["name"] == "example.org" and row["ready"] == "True" and row["caFingerprint"] == OLD
     assert row["phase"] == (phase or STABLE) and row["crlNumber"] == 3 and row["crlEntries"] == 1
     assert row["source"] == (f"secretRef {brought}" if brought else "generated")
     assert row["nextFingerprint"] == (NEW if phase == PREPARING else None)
     assert row["previousFingerprint"] == (NEW if phase == ROTATING else None)
     out = io.StringIO()
-    Output("table", file=out).show(ca_view.trust_domains_table([row], NOW))
+    Output("table", file=out).show(trust_domains.trust_domains_table([row], NOW))
     header, line = out.getvalue().splitlines()[:2]
-    for column in ca_view.CA_COLUMNS:
+    for column in trust_domains.CA_COLUMNS:
         assert column in header
     assert f"sha256:{OLD[:12]}" in line and "#3" in line and (phase or STABLE) in line
     assert "\x1b[" not in out.getvalue()
 
 
 def test_a_trust_domain_the_operator_never_answered_has_dashes() -> None:
-    row = ca_view.trust_domain_row({"metadata": {"name": "new.example"}})
+    row = trust_domains.trust_domain_row({"metadata": {"name": "new.example"}})
     assert row["ready"] == "Unknown" and row["phase"] is None and row["caFingerprint"] is None
     out = io.StringIO()
-    Output("table", file=out).show(ca_view.trust_domains_table([row], NOW))
+    Output("table", file=out).show(trust_domains.trust_domains_table([row], NOW))
     assert "new.example" in out.getvalue() and "Unknown" in out.getvalue()
 
 
@@ -85,7 +86,7 @@ def test_a_trust_domain_the_operator_never_answered_has_dashes() -> None:
                                                 [None, "team-ca"])))
 def test_rotation_refusal_over_readiness_phase_and_ca_source(ready: bool | None, phase: str | None,
                                                               brought: str | None) -> None:
-    why = ca_view.rotation_refusal(td(ready=ready, phase=phase, brought=brought))
+    why = trust_domains.rotation_refusal(td(ready=ready, phase=phase, brought=brought))
     if brought:  # first: whatever else, a brought CA is rotated by replacing its Secret
         assert why is not None and "spec.ca.secretRef: Secret team-ca" in why and "replacing that Secret" in why
     elif ready is not True:
@@ -102,9 +103,10 @@ def test_rotation_refusal_over_readiness_phase_and_ca_source(ready: bool | None,
 
 
 def test_default_wait_is_the_propagation_delay_plus_a_margin() -> None:
-    assert ca_view.default_wait(td(propagation="10s")) == dt.timedelta(seconds=70)
-    assert ca_view.default_wait(td()) == dt.timedelta(seconds=150)  # the 90 s default delay
-    assert ca_view.default_wait(td(propagation="soon")) == dt.timedelta(seconds=150)  # a spec the API would refuse
+    assert trust_domains.default_wait(td(propagation="10s")) == dt.timedelta(seconds=70)
+    assert trust_domains.default_wait(td()) == dt.timedelta(seconds=150)  # the 90 s default delay
+    # a spec the API would refuse
+    assert trust_domains.default_wait(td(propagation="soon")) == dt.timedelta(seconds=150)
 
 
 # --- how far has it got? ---------------------------------------------------------------------------------------------
@@ -114,16 +116,16 @@ REQUEST = "20261130T120000Z-1a2b3c4d"
 
 def test_rotation_progress_follows_requested_preparing_rotating() -> None:
     steps = [
-        (td(), ca_view.REQUESTED, False),  # the operator has not taken it yet
+        (td(), trust_domains.REQUESTED, False),  # the operator has not taken it yet
         (td(phase=PREPARING, last_request=REQUEST, nxt=NEW), PREPARING, False),
         (td(phase=ROTATING, last_request=REQUEST, signing=NEW, previous=OLD), ROTATING, True),
         # the old CA already retired (a very short maxTTL): signing switched all the same
         (td(phase=STABLE, last_request=REQUEST, signing=NEW), ROTATING, True),
     ]
     for body, phase, switched in steps:
-        progress = ca_view.rotation_progress(body, REQUEST, OLD)
+        progress = trust_domains.rotation_progress(body, REQUEST, OLD)
         assert (progress.phase, progress.switched, progress.failure) == (phase, switched, None)
-    preparing = ca_view.rotation_progress(steps[1][0], REQUEST, OLD)
+    preparing = trust_domains.rotation_progress(steps[1][0], REQUEST, OLD)
     assert f"sha256:{NEW[:12]}" in preparing.message and preparing.since == "2026-11-30T11:59:00Z"
 
 
@@ -131,15 +133,15 @@ def test_a_previous_request_is_not_this_one() -> None:
     """The status shows a rotation answered for another request id: still waiting for ours."""
     for phase in (PREPARING, ROTATING, STABLE):
         body = td(phase=phase, last_request="20261129T000000Z-00000000", signing=NEW)
-        progress = ca_view.rotation_progress(body, REQUEST, OLD)
-        assert progress.phase == ca_view.REQUESTED and not progress.switched and progress.failure is None
+        progress = trust_domains.rotation_progress(body, REQUEST, OLD)
+        assert progress.phase == trust_domains.REQUESTED and not progress.switched and progress.failure is None
 
 
 def test_rotation_progress_fails_on_ready_false_or_a_request_taken_without_a_rotation() -> None:
     for phase in (None, PREPARING, ROTATING):
-        failed = ca_view.rotation_progress(td(ready=False, phase=phase, last_request=REQUEST), REQUEST, OLD)
+        failed = trust_domains.rotation_progress(td(ready=False, phase=phase, last_request=REQUEST), REQUEST, OLD)
         assert failed.failure is not None and "Ready=False (CASecretMissing: m)" in failed.failure
-    odd = ca_view.rotation_progress(td(phase=STABLE, last_request=REQUEST), REQUEST, OLD)
+    odd = trust_domains.rotation_progress(td(phase=STABLE, last_request=REQUEST), REQUEST, OLD)
     assert odd.failure is not None and "same CA" in odd.failure
 
 
@@ -150,7 +152,7 @@ def test_request_ids_are_served_once_by_the_operators_decision() -> None:
     for _ in range(20):
         args = argparse.Namespace(name="example.org", wait=False, timeout=None, output="json")
         fake = FakeKube([td()])
-        ca_ops.rotate(args, Connection(fake, "https://fake", "default"))  # type: ignore[arg-type]
+        ca_command.rotate(args, Connection(fake, "https://fake", "default"))  # type: ignore[arg-type]
         ids.add(fake.annotations["example.org"]["meshtls.dev/rotate-ca"])
     assert len(ids) == 20
     far = NOW + dt.timedelta(days=300)
@@ -165,7 +167,7 @@ def test_request_ids_are_served_once_by_the_operators_decision() -> None:
 
 
 class FakeKube:
-    """Only what `ca_ops` calls: TrustDomains by name, and annotation patches (through `custom`)."""
+    """Only what `ca_command` calls: TrustDomains by name, and annotation patches (through `custom`)."""
 
     def __init__(self, bodies: list[dict[str, Any]], forbid_patch: bool = False) -> None:
         self.bodies = {b["metadata"]["name"]: b for b in bodies}
@@ -194,7 +196,7 @@ class FakeKube:
 def run(verb: str, fake: FakeKube, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int | str, str]:
     args = build_parser().parse_args(["ca", verb, *argv])
     try:
-        code: int | str = getattr(ca_ops, verb)(args, Connection(fake, "https://fake", "default"))  # type: ignore
+        code: int | str = getattr(ca_command, verb)(args, Connection(fake, "https://fake", "default"))  # type: ignore
     except CommandFailed as exc:
         code = str(exc)
     return code, capsys.readouterr().out
@@ -226,7 +228,7 @@ def test_rotate_sets_the_operators_annotation_and_reports_the_request(capsys: py
     assert code == 0
     result = json.loads(out)
     assert fake.annotations == {"example.org": {ANNOTATION_ROTATE_CA: result["request"]}}
-    assert result["oldFingerprint"] == OLD and result["phases"][0]["phase"] == ca_view.REQUESTED
+    assert result["oldFingerprint"] == OLD and result["phases"][0]["phase"] == trust_domains.REQUESTED
 
 
 def test_no_permission_says_so(capsys: pytest.CaptureFixture[str]) -> None:
@@ -237,7 +239,7 @@ def test_no_permission_says_so(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_wait_times_out_naming_the_phase(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ca_ops, "POLL", 0.01)
+    monkeypatch.setattr(ca_command, "POLL", 0.01)
     code, out = run("rotate", FakeKube([td()]), capsys, "example.org", "--wait", "--timeout", "1s")
     assert isinstance(code, str) and code.startswith("timed out after 1 s waiting for the operator to take the "
                                                      "request (TrustDomain example.org, phase Requested)")
@@ -246,7 +248,7 @@ def test_wait_times_out_naming_the_phase(capsys: pytest.CaptureFixture[str], mon
 
 def test_wait_follows_each_phase_and_stops_when_signing_switched(capsys: pytest.CaptureFixture[str],
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(ca_ops, "POLL", 0.0)
+    monkeypatch.setattr(ca_command, "POLL", 0.0)
     fake = FakeKube([td()])
     reads = iter(range(100))
 
@@ -261,7 +263,7 @@ def test_wait_follows_each_phase_and_stops_when_signing_switched(capsys: pytest.
 
     fake.get_trust_domain = operator_answers  # type: ignore[method-assign]
     fake.bodies = {"example.org": td()}
-    monkeypatch.setattr(ca_ops, "_get_trust_domain", lambda kube, name: td())
+    monkeypatch.setattr(ca_command, "_get_trust_domain", lambda kube, name: td())
     code, out = run("rotate", fake, capsys, "example.org", "--wait", "--timeout", "5s")
     assert code == 0, code
     lines = out.splitlines()
@@ -299,4 +301,4 @@ def test_api_errors_other_than_forbidden_are_not_swallowed() -> None:
             raise ApiError(500, "Internal", "boom")
 
     with pytest.raises(ApiError):
-        ca_ops.status(argparse.Namespace(name="x", output="table"), Connection(Broken([]), "s", "d"))  # type: ignore
+        ca_command.status(argparse.Namespace(name="x", output="table"), Connection(Broken([]), "s", "d"))  # type: ignore

@@ -17,21 +17,12 @@ from meshtls.api.objects import SecretSnapshot
 from meshtls.cli import checks
 from meshtls.cli.inspection import inspect_report
 from meshtls.cli.main import build_parser, main
-from meshtls.cli.render import (
-    CheckResult,
-    Output,
-    check_line,
-    check_summary,
-    event_row,
-    human_duration,
-    identities_table,
-    identity_detail,
-    identity_detail_data,
-    identity_row,
-    inspect_renderable,
-    sorted_events,
-    watch_line,
-)
+from meshtls.cli.output import Output
+from meshtls.cli.views.check import CheckResult, check_line, check_summary
+from meshtls.cli.views.events import event_row, sorted_events, watch_line
+from meshtls.cli.views.identities import identities_table, identity_detail, identity_detail_data, identity_row
+from meshtls.cli.views.inspect import inspect_renderable
+from meshtls.cli.views.times import human_duration
 from meshtls.pki import (
     CertificateAuthority,
     IssuedCertificate,
@@ -487,7 +478,7 @@ def test_dashboard_uses_only_metrics_that_are_exported() -> None:
     import re
 
     from meshtls.handlers import metrics
-    from meshtls.sidecar.admin import Gauges, Stats, render_metrics
+    from meshtls.proxy.admin import Gauges, Stats, render_metrics
 
     stats = Stats()
     stats.handshakes[("inbound", "success")] += 1

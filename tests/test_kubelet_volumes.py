@@ -1,4 +1,4 @@
-"""e2e.kubelet.write_atomic_volume writes volumes the way the kubelet's AtomicWriter does."""
+"""testsupport.kubelet.write_atomic_volume writes volumes the way the kubelet's AtomicWriter does."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from e2e.kubelet import DATA_DIR, read_volume, write_atomic_volume
+from testsupport.kubelet import DATA_DIR, read_volume, write_atomic_volume
 
 TS_DIR = re.compile(r"\.\.\d{4}_\d{2}_\d{2}_\d{2}_\d{2}_\d{2}\.\d{9}")
 

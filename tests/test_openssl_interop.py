@@ -21,6 +21,8 @@ from meshtls.pki import (
     workload_spiffe_id,
 )
 
+WALL_CLOCK = True  # OpenSSL and the sidecars judge certificates against the real time (see conftest)
+
 HOUR = dt.timedelta(hours=1)
 
 

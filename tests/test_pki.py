@@ -8,6 +8,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from testsupport.clock import NOW
 
 from meshtls.pki import (
     CertificateAuthority,
@@ -31,13 +32,9 @@ SID = workload_spiffe_id("example.org", "shop", "web")
 HOUR = dt.timedelta(hours=1)
 
 
-def real_now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
 @pytest.mark.parametrize("algorithm", list(KeyAlgorithm))
 def test_leaf_is_an_x509_svid(ca: CertificateAuthority, algorithm: KeyAlgorithm) -> None:
-    now = real_now()
+    now = NOW
     issued = issue_svid(ca, SID, now, HOUR, ["web.shop.svc"], algorithm)
     cert = issued.certificate
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -66,7 +63,7 @@ def test_leaf_is_an_x509_svid(ca: CertificateAuthority, algorithm: KeyAlgorithm)
 
 
 def test_leaf_never_outlives_its_ca() -> None:
-    now = real_now()
+    now = NOW
     short_ca = generate_ca("example.org", now, validity=dt.timedelta(minutes=30))
     issued = issue_svid(short_ca, SID, now, dt.timedelta(hours=24))
     assert issued.not_after == short_ca.not_after
@@ -81,7 +78,7 @@ def test_leaf_never_outlives_its_ca() -> None:
 def test_every_leaf_verifies_against_its_ca_and_not_another(
     ca: CertificateAuthority, other_ca: CertificateAuthority, ttl_s: int, dns: list[str], algorithm: KeyAlgorithm
 ) -> None:
-    now = real_now()
+    now = NOW
     issued = issue_svid(ca, SID, now, dt.timedelta(seconds=ttl_s), dns, algorithm)
     chain = load_certificates(issued.cert_chain_pem)
     good = verify_svid(chain, ca.roots, now)
@@ -94,7 +91,7 @@ def test_every_leaf_verifies_against_its_ca_and_not_another(
 
 
 def test_expired_and_not_yet_valid_are_rejected(ca: CertificateAuthority) -> None:
-    now = real_now()
+    now = NOW
     issued = issue_svid(ca, SID, now, dt.timedelta(minutes=5))
     chain = load_certificates(issued.cert_chain_pem)
     assert "expired" in (verify_svid(chain, ca.roots, now + dt.timedelta(minutes=6)).reason or "")
@@ -104,7 +101,7 @@ def test_expired_and_not_yet_valid_are_rejected(ca: CertificateAuthority) -> Non
 @settings(max_examples=10, deadline=None)
 @given(revoked_count=st.integers(min_value=1, max_value=5), kept_count=st.integers(min_value=0, max_value=3))
 def test_revoked_serials_fail_and_others_pass(ca: CertificateAuthority, revoked_count: int, kept_count: int) -> None:
-    now = real_now()
+    now = NOW
     revoked = [issue_svid(ca, SID, now, HOUR) for _ in range(revoked_count)]
     kept = [issue_svid(ca, SID, now, HOUR) for _ in range(kept_count)]
     entries = [RevokedCertificate(c.serial_number, now, c.not_after, RevocationReason.KEY_COMPROMISE) for c in revoked]
@@ -118,7 +115,7 @@ def test_revoked_serials_fail_and_others_pass(ca: CertificateAuthority, revoked_
 
 
 def test_expired_entries_leave_the_crl(ca: CertificateAuthority) -> None:
-    now = real_now()
+    now = NOW
     entries = [
         RevokedCertificate(1001, now - HOUR, now - dt.timedelta(seconds=1)),  # expired: drops off
         RevokedCertificate(1002, now - HOUR, now + HOUR),
@@ -131,7 +128,7 @@ def test_expired_entries_leave_the_crl(ca: CertificateAuthority) -> None:
 
 
 def test_crl_is_signed_numbered_and_dated(ca: CertificateAuthority) -> None:
-    now = real_now()
+    now = NOW
     crl = build_crl(ca, [RevokedCertificate(5, now, now + HOUR, RevocationReason.SUPERSEDED)], 42, now)
     assert crl.is_signature_valid(ca.key.public_key())  # type: ignore[arg-type]
     assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 42
@@ -145,7 +142,7 @@ def test_crl_is_signed_numbered_and_dated(ca: CertificateAuthority) -> None:
 
 
 def test_a_crl_from_another_ca_is_ignored(ca: CertificateAuthority, other_ca: CertificateAuthority) -> None:
-    now = real_now()
+    now = NOW
     issued = issue_svid(ca, SID, now, HOUR)
     forged = build_crl(other_ca, [RevokedCertificate(issued.serial_number, now, issued.not_after)], 1, now)
     assert verify_svid(load_certificates(issued.cert_chain_pem), ca.roots, now, [forged]).ok
@@ -172,7 +169,7 @@ def _intermediate(root: CertificateAuthority, now: dt.datetime) -> CertificateAu
 
 
 def test_brought_intermediate_with_chain_issues_verifiable_leaves(ca: CertificateAuthority) -> None:
-    now = real_now()
+    now = NOW
     inter = _intermediate(ca, now)
     loaded = load_ca(inter.certificate_pem() + ca.certificate_pem(), inter.key_pem(), now)
     assert not is_self_signed(loaded.certificate)
@@ -186,7 +183,7 @@ def test_brought_intermediate_with_chain_issues_verifiable_leaves(ca: Certificat
 
 
 def _leaf_as_ca_input(ca: CertificateAuthority) -> tuple[bytes, bytes]:
-    issued = issue_svid(ca, SID, real_now(), HOUR)
+    issued = issue_svid(ca, SID, NOW, HOUR)
     from meshtls.pki import certificate_pem
 
     return certificate_pem(issued.certificate), issued.key_pem
@@ -196,7 +193,7 @@ def _leaf_as_ca_input(ca: CertificateAuthority) -> tuple[bytes, bytes]:
                                   "intermediate-without-chain", "garbage"])
 def test_unusable_brought_cas_say_what_is_wrong(ca: CertificateAuthority, other_ca: CertificateAuthority,
                                                 case: str) -> None:
-    now = real_now()
+    now = NOW
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric import rsa as rsa_mod
 
@@ -240,3 +237,10 @@ def test_unusable_brought_cas_say_what_is_wrong(ca: CertificateAuthority, other_
         load_ca(cert_pem, key_pem, now)
     assert err.value.field == expected[0], str(err.value)
     assert expected[1] in err.value.message
+
+
+def test_the_ca_fixtures_are_born_on_the_fixed_clock(ca: CertificateAuthority, other_ca: CertificateAuthority) -> None:
+    """conftest promises a fixed clock: a CA born at the wall clock would let pure tests drift with the date."""
+    for authority in (ca, other_ca):
+        born = authority.certificate.not_valid_before_utc
+        assert NOW - HOUR <= born <= NOW, born

@@ -13,17 +13,13 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from meshtls.pki import CertificateAuthority
-from test_proxy_support import (
+from testsupport.proxymesh import (
     Mesh,
     ProxyThread,
     TcpApp,
-    build_mesh,
     closed_port,
     digest_after_eof,
     free_ports,
@@ -35,13 +31,11 @@ from test_proxy_support import (
     ssl_client_context,
 )
 
+from meshtls.pki import CertificateAuthority
+
+WALL_CLOCK = True  # OpenSSL and the sidecars judge certificates against the real time (see conftest)
+
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def mesh(tmp_path: Path, ca: CertificateAuthority) -> Iterator[Mesh]:
-    with build_mesh(tmp_path, ca) as m:
-        yield m
 
 
 def test_bytes_round_trip_and_server_logs_client_identity(mesh: Mesh) -> None:

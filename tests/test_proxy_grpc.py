@@ -10,9 +10,11 @@ from pathlib import Path
 
 import grpc
 import pytest
+from testsupport.proxymesh import LogCapture, ProxyThread, Workload, free_ports, issue
 
 from meshtls.pki import CertificateAuthority
-from test_proxy_support import LogCapture, ProxyThread, Workload, free_ports, issue
+
+WALL_CLOCK = True  # OpenSSL and the sidecars judge certificates against the real time (see conftest)
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -11,10 +11,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e.kubelet import SidecarProcess, proxy_command, write_atomic_volume
-
-from meshtls.pki import CertificateAuthority
-from test_proxy_support import (
+from testsupport.kubelet import SidecarProcess, proxy_command, write_atomic_volume
+from testsupport.proxymesh import (
     TcpApp,
     Workload,
     echo,
@@ -24,6 +22,10 @@ from test_proxy_support import (
     refused,
     roundtrip,
 )
+
+from meshtls.pki import CertificateAuthority
+
+WALL_CLOCK = True  # OpenSSL and the sidecars judge certificates against the real time (see conftest)
 
 pytestmark = pytest.mark.timeout(60)
 RSS_GOAL = 40 * 1024 * 1024

@@ -13,21 +13,17 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from e2e.kubelet import bundle_files, identity_files, write_atomic_volume
-
-from meshtls.pki import CertificateAuthority, build_crl, crl_pem, generate_ca
-from test_proxy_support import (
+from testsupport.kubelet import bundle_files, identity_files, write_atomic_volume
+from testsupport.proxymesh import (
     RELOAD,
     LogCapture,
     Mesh,
     ProxyThread,
     TcpApp,
     Workload,
-    build_mesh,
     echo,
     free_ports,
     issue,
@@ -38,13 +34,11 @@ from test_proxy_support import (
     ssl_client_context,
 )
 
+from meshtls.pki import CertificateAuthority, build_crl, crl_pem, generate_ca
+
+WALL_CLOCK = True  # OpenSSL and the sidecars judge certificates against the real time (see conftest)
+
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture
-def mesh(tmp_path: Path, ca: CertificateAuthority) -> Iterator[Mesh]:
-    with build_mesh(tmp_path, ca) as m:
-        yield m
 
 
 def _wait(predicate: object, timeout: float = 5.0, step: float = 0.005) -> float:

@@ -8,38 +8,59 @@ import datetime as dt
 from meshtls.handlers.scheduler import Key, RenewalScheduler
 from meshtls.handlers.targets import TargetIndex
 from meshtls.lifecycle.ca_rotation import PREPARING, ROTATING, STABLE, RotationState, next_rotation_step
-from meshtls.lifecycle.clock import SystemClock
+from meshtls.lifecycle.clock import FakeClock
 from meshtls.sidecar.target import InjectionTarget
+
+T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+HOUR = dt.timedelta(hours=1)
+TICK: Key = ("test", "tick")  # scheduled in the past to wake the heap after the fake clock moved
+
+
+async def settle() -> None:
+    """Let the scheduler and the work it started run as far as they can without time passing."""
+    for _ in range(50):
+        await asyncio.sleep(0)
 
 
 def test_due_keys_run_once_in_order_and_rescheduling_supersedes() -> None:
-    async def scenario() -> list[Key]:
+    async def scenario() -> list[list[Key]]:
         ran: list[Key] = []
-        clock = SystemClock()
+        seen: list[list[Key]] = []
+        clock = FakeClock(T0)
 
         async def work(key: Key) -> None:
-            ran.append(key)
+            if key != TICK:
+                ran.append(key)
 
         scheduler = RenewalScheduler(clock, work)
         task = asyncio.create_task(scheduler.run())
-        now = clock.now()
-        scheduler.schedule(("a", "late"), now + dt.timedelta(seconds=0.3))
-        scheduler.schedule(("a", "early"), now + dt.timedelta(seconds=0.1))
-        scheduler.schedule(("a", "moved"), now + dt.timedelta(seconds=0.05))
-        scheduler.schedule(("a", "moved"), now + dt.timedelta(seconds=0.5))  # the latest call wins
-        scheduler.schedule(("a", "gone"), now + dt.timedelta(seconds=0.1))
+        scheduler.schedule(("a", "late"), T0 + 3 * HOUR)
+        scheduler.schedule(("a", "early"), T0 + HOUR)
+        scheduler.schedule(("a", "moved"), T0 + HOUR / 2)
+        scheduler.schedule(("a", "moved"), T0 + 5 * HOUR)  # the latest call wins
+        scheduler.schedule(("a", "gone"), T0 + HOUR)
         scheduler.forget(("a", "gone"))
-        await asyncio.sleep(0.8)
+        await settle()
+        seen.append(list(ran))  # nothing is due at T0
+        # Advancing the fake clock does not wake the heap (it waits on the loop); a key due before all others does.
+        clock.advance(HOUR)
+        scheduler.schedule(TICK, T0 - HOUR)
+        await settle()
+        seen.append(list(ran))
+        clock.advance(5 * HOUR)
+        scheduler.schedule(TICK, T0 - HOUR)
+        await settle()
+        seen.append(list(ran))
         task.cancel()
-        return ran
+        return seen
 
-    assert asyncio.run(scenario()) == [("a", "early"), ("a", "late"), ("a", "moved")]
+    assert asyncio.run(scenario()) == [[], [("a", "early")], [("a", "early"), ("a", "late"), ("a", "moved")]]
 
 
-def test_a_failing_key_is_retried() -> None:
-    async def scenario() -> int:
+def test_a_failing_key_is_retried_ten_seconds_later() -> None:
+    async def scenario() -> tuple[int, dt.datetime | None]:
         calls = 0
-        clock = SystemClock()
+        clock = FakeClock(T0)
 
         async def work(key: Key) -> None:
             nonlocal calls
@@ -48,13 +69,12 @@ def test_a_failing_key_is_retried() -> None:
 
         scheduler = RenewalScheduler(clock, work)
         task = asyncio.create_task(scheduler.run())
-        scheduler.schedule(("a", "b"), clock.now())
-        await asyncio.sleep(0.2)
+        scheduler.schedule(("a", "b"), T0)
+        await settle()
         task.cancel()
-        assert scheduler.due_at(("a", "b")) is not None  # rescheduled for later
-        return calls
+        return calls, scheduler.due_at(("a", "b"))
 
-    assert asyncio.run(scenario()) == 1
+    assert asyncio.run(scenario()) == (1, T0 + dt.timedelta(seconds=10))
 
 
 def test_target_index_answers_by_namespace_and_service_account() -> None:

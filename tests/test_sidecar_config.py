@@ -54,3 +54,12 @@ def test_bad_shapes_name_the_field(patch: dict[str, Any], field: str) -> None:
     with pytest.raises(PKIError) as err:
         parse_sidecar_config({"spiffeId": "spiffe://td/ns/a/sa/b", **patch})
     assert err.value.field == field
+
+
+def test_mount_layout_is_one_contract() -> None:
+    """Until the schema moves into meshtls.dataplane (#14 phase 2), its default mounts are the layout's."""
+    from meshtls.dataplane import layout
+    from meshtls.sidecar import config
+
+    for name in ("CONFIG_FILE", "IDENTITY_DIR", "BUNDLE_DIR", "CONFIG_DIR"):
+        assert getattr(config, name) == getattr(layout, name), name

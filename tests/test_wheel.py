@@ -85,11 +85,11 @@ def test_wheel_has_the_package_and_both_entry_points(wheel: Path) -> None:
         names = z.namelist()
         entry_points = next(z.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "meshtls/py.typed" in names
-    for module in ("cli/main.py", "handlers/kopf_handlers.py", "sidecar/proxy.py", "pki/ca.py", "kube/client.py"):
+    for module in ("cli/main.py", "handlers/kopf_handlers.py", "proxy/main.py", "pki/ca.py", "kube/client.py"):
         assert f"meshtls/{module}" in names, module
     assert not [n for n in names if n.startswith(("tests/", "e2e/", "operator/")) or "__pycache__" in n]
     assert "meshtls = meshtls.cli.main:main" in entry_points
-    assert "meshtls-proxy = meshtls.sidecar.proxy:main" in entry_points
+    assert "meshtls-proxy = meshtls.proxy.main:main" in entry_points
 
 
 def test_entry_points_run_from_a_clean_venv_as_the_image_user(venv: Path, workdir: Path) -> None:

@@ -1,6 +1,6 @@
 """`meshtls check`'s verdicts: each takes what was read from the cluster and a `now`, and returns one CheckResult.
 
-Pure (no API calls), so every verdict is tested with sample bodies; `cluster_ops.check` does the reading.
+Pure (no API calls), so every verdict is tested with sample bodies; `commands.check` does the reading.
 """
 
 from __future__ import annotations
@@ -16,8 +16,11 @@ from cryptography import x509
 from meshtls.api.constants import GROUP, TRUST_DOMAINS, VERSION, WORKLOAD_IDENTITIES
 from meshtls.api.model import SpecError, parse_trust_domain
 from meshtls.api.objects import SecretSnapshot
-from meshtls.cli.render import CheckResult, condition, human_duration, iso, parse_time
+from meshtls.cli.views.check import CheckResult
+from meshtls.cli.views.identities import condition
+from meshtls.cli.views.times import human_duration, parse_time
 from meshtls.lifecycle.certificate import read_secret_certificate
+from meshtls.lifecycle.issuance import iso
 from meshtls.pki import PKIError, crl_number, fingerprint_sha256, format_serial, load_certificates, load_crls
 from meshtls.pki.ca import signed_by
 from meshtls.pki.verify import verify_svid

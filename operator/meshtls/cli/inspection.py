@@ -1,5 +1,5 @@
 """`meshtls inspect`'s report: a certificate chain, its SPIFFE ID and validity, its key, and whether a namespace's
-trust bundle and CRL accept it. Pure: bytes and dicts in, a dict out (rendered by `render.inspect_renderable`)."""
+trust bundle and CRL accept it. Pure: bytes and dicts in, a dict out (drawn by `views.inspect`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Any
 from cryptography import x509
 
 from meshtls.cli.checks import bundle_material, bundle_refusal
-from meshtls.cli.render import human_duration, iso
+from meshtls.cli.views.times import human_duration
+from meshtls.lifecycle.issuance import iso
 from meshtls.pki import (
     PKIError,
     crl_number,

@@ -5,11 +5,10 @@ from __future__ import annotations
 import sys
 
 from meshtls import __version__
-from meshtls.cli.ca_commands import add_ca_commands
-from meshtls.cli.cluster_commands import add_cluster_commands
+from meshtls.cli.arguments import add_ca_commands, add_cluster_commands
+from meshtls.cli.commands.operator import add_operator_command
+from meshtls.cli.commands.pki import add_pki_commands
 from meshtls.cli.errors import CommandFailed, Parser, UsageError
-from meshtls.cli.operator_command import add_operator_command
-from meshtls.cli.pki_commands import add_pki_commands
 from meshtls.pki import PKIError
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshtls.api.constants import ANNOTATION_INJECTED, ANNOTATION_SPIFFE_ID
+from meshtls.dataplane.layout import BUNDLE_FILE, CRL_FILE
 from meshtls.sidecar.config import BUNDLE_DIR, CONFIG_DIR, CONFIG_FILE, IDENTITY_DIR
 from meshtls.sidecar.target import (
     SIDECAR_NAME,
@@ -25,7 +26,6 @@ from meshtls.sidecar.target import (
     InjectionOptions,
     InjectionTarget,
 )
-from meshtls.sidecar.tlsfiles import BUNDLE_FILE, CRL_FILE
 
 SIDECAR_UID = 65532  # the conventional "nonroot" user of distroless images
 READY_PATH = "/readyz"

@@ -136,7 +136,7 @@ def proxy_command() -> list[str]:
     script = Path(sys.executable).parent / "meshtls-proxy"
     if script.exists():
         return [str(script)]
-    return [sys.executable, "-m", "meshtls.sidecar.proxy"]
+    return [sys.executable, "-m", "meshtls.proxy"]
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:

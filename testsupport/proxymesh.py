@@ -1,7 +1,7 @@
-"""Helpers shared by the proxy tests (no tests here): certificates, apps, in-process sidecars, log capture.
+"""An in-process mesh for the proxy tests: certificates, apps, in-process sidecars, log capture.
 
 Sidecars run in-process, each on its own event loop in a thread, with real sockets on 127.0.0.1 and volumes written
-the kubelet's way (e2e.kubelet.write_atomic_volume). Test code itself is plain blocking sockets.
+the kubelet's way (testsupport.kubelet.write_atomic_volume). Test code itself is plain blocking sockets.
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from e2e.kubelet import bundle_files, identity_files, write_atomic_volume
-
 from meshtls.pki import (
     CertificateAuthority,
     IssuedCertificate,
@@ -32,8 +30,9 @@ from meshtls.pki import (
     issue_svid,
     workload_spiffe_id,
 )
+from meshtls.proxy.server import Proxy
 from meshtls.sidecar.config import parse_sidecar_config
-from meshtls.sidecar.proxy import Proxy
+from testsupport.kubelet import bundle_files, identity_files, write_atomic_volume
 
 TD = "example.org"
 RELOAD = 0.1  # seconds; the tests' reload interval

@@ -1,6 +1,6 @@
 """`meshtls ca`: what a TrustDomain's CA and rotation look like, whether a rotation may be asked for, and how far
 one has got. Pure: each function takes the TrustDomain's body (the API's camelCase JSON) and, where time matters,
-a `now`; `ca_ops` does the reading and writing.
+a `now`; `commands.ca` does the reading and writing.
 
 The operator (handlers/trust.py, lifecycle/ca_rotation.py) starts a rotation when the annotation
 `meshtls.dev/rotate-ca` holds a value other than `status.rotation.lastRequest` while the phase is Stable, and only
@@ -19,7 +19,9 @@ from rich.table import Table
 from rich.text import Text
 
 from meshtls.api.model import SpecError, parse_trust_domain
-from meshtls.cli.render import ago, condition, new_table, parse_time
+from meshtls.cli.output import new_table
+from meshtls.cli.views.identities import condition, ready_cell
+from meshtls.cli.views.times import ago, parse_time
 from meshtls.lifecycle.ca_rotation import PREPARING, ROTATING, STABLE
 
 CA_COLUMNS = ("NAME", "READY", "CA", "SOURCE", "NOT AFTER", "PHASE", "SINCE", "NEXT", "PREVIOUS", "RETIRE AFTER",
@@ -64,14 +66,6 @@ def trust_domain_row(body: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _ready_cell(row: Mapping[str, Any]) -> Text:
-    if row["ready"] == "True":
-        return Text("True", style="green")
-    if row["ready"] == "False":
-        return Text(f"False ({row['reason']})" if row.get("reason") else "False", style="bold red")
-    return Text(str(row["ready"]), style="yellow")
-
-
 def _when(value: str | None, now: dt.datetime) -> str:
     t = parse_time(value)
     return f"{value} ({ago(t, now)})" if t else "-"
@@ -82,7 +76,7 @@ def trust_domains_table(rows: Sequence[Mapping[str, Any]], now: dt.datetime) -> 
     for row in rows:
         phase = row.get("phase") or "-"
         table.add_row(
-            Text(str(row["name"]), style="bold"), _ready_cell(row), Text(short(row.get("caFingerprint"))),
+            Text(str(row["name"]), style="bold"), ready_cell(row), Text(short(row.get("caFingerprint"))),
             Text(str(row["source"])), Text(_when(row.get("caNotAfter"), now)),
             Text(phase, style="" if phase in (STABLE, "-") else "yellow"), Text(_when(row.get("since"), now)),
             Text(short(row.get("nextFingerprint"))), Text(short(row.get("previousFingerprint"))),

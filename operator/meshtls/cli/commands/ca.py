@@ -1,5 +1,5 @@
-"""`meshtls ca rotate | status`: the work (declared in `ca_commands`). Reads and writes through `meshtls.kube`;
-what to print and whether to ask is decided in `ca_view` (pure)."""
+"""`meshtls ca rotate | status`: the work (declared in `cli.arguments`). Reads and writes through `meshtls.kube`;
+what to print and whether to ask is decided in `views.trust_domains` (pure)."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from typing import Any
 from rich.text import Text
 
 from meshtls.api.constants import GROUP, TRUST_DOMAINS
-from meshtls.cli import ca_view
-from meshtls.cli.cluster_ops import _now, _timeout
+from meshtls.cli.commands.cluster import timeout_seconds, utc_now
 from meshtls.cli.errors import CommandFailed
-from meshtls.cli.render import Output, iso
+from meshtls.cli.output import Output
+from meshtls.cli.views import trust_domains
 from meshtls.kube.client import ApiError, Kube, NotFound
 from meshtls.kube.queries import Connection, annotate_trust_domain
+from meshtls.lifecycle.issuance import iso
 
 POLL = 0.5  # seconds between reads while following a rotation (it takes the propagation delay: minutes)
 
@@ -56,23 +57,23 @@ def _get_trust_domain(kube: Kube, name: str) -> dict[str, Any]:
 
 
 def status(args: argparse.Namespace, conn: Connection) -> int:
-    kube, out, now = conn.kube, Output(args.output), _now()
+    kube, out, now = conn.kube, Output(args.output), utc_now()
     if args.name:
         body = _get_trust_domain(kube, args.name)
         if out.data:
-            out.dump({**ca_view.trust_domain_row(body),
+            out.dump({**trust_domains.trust_domain_row(body),
                       "conditions": list((body.get("status") or {}).get("conditions") or [])})
         else:
-            out.show(ca_view.trust_domain_detail(body, now))
+            out.show(trust_domains.trust_domain_detail(body, now))
         return 0
     bodies = sorted(_list_trust_domains(kube), key=lambda b: str(b["metadata"]["name"]))
-    rows = [ca_view.trust_domain_row(b) for b in bodies]
+    rows = [trust_domains.trust_domain_row(b) for b in bodies]
     if out.data:
         out.dump({"items": rows})
     elif not rows:
         out.show(Text("No TrustDomains found."))
     else:
-        out.show(ca_view.trust_domains_table(rows, now))
+        out.show(trust_domains.trust_domains_table(rows, now))
     return 0
 
 
@@ -84,13 +85,13 @@ def rotate(args: argparse.Namespace, conn: Connection) -> int:
 
     kube, out = conn.kube, Output(args.output)
     body = _get_trust_domain(kube, args.name)
-    refusal = ca_view.rotation_refusal(body)
+    refusal = trust_domains.rotation_refusal(body)
     if refusal is not None:
         raise CommandFailed(refusal)
     old = (body.get("status") or {}).get("caFingerprint")
-    timeout = _timeout(args) if args.timeout else ca_view.default_wait(body).total_seconds()
+    timeout = timeout_seconds(args) if args.timeout else trust_domains.default_wait(body).total_seconds()
     # a fresh value every time: the operator serves a value once (status.rotation.lastRequest), never twice
-    request = f"{_now():%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    request = f"{utc_now():%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
     try:
         annotate_trust_domain(kube, args.name, {ANNOTATION_ROTATE_CA: request})
     except ApiError as exc:
@@ -101,9 +102,9 @@ def rotate(args: argparse.Namespace, conn: Connection) -> int:
         raise CommandFailed(f"TrustDomain {args.name!r} was deleted") from None
     started = time.monotonic()
     result: dict[str, Any] = {"trustDomain": args.name, "request": request, "oldFingerprint": old,
-                              "phases": [{"phase": ca_view.REQUESTED, "since": iso(_now()), "seconds": 0.0}]}
-    _say(out, ca_view.REQUESTED, iso(_now()), f"CA rotation of {args.name} (request {request}); signing CA "
-                                              f"{ca_view.short(old)}")
+                              "phases": [{"phase": trust_domains.REQUESTED, "since": iso(utc_now()), "seconds": 0.0}]}
+    _say(out, trust_domains.REQUESTED, iso(utc_now()), f"CA rotation of {args.name} (request {request}); signing CA "
+                                              f"{trust_domains.short(old)}")
     if not args.wait:
         if out.data:
             out.dump(result)
@@ -111,13 +112,13 @@ def rotate(args: argparse.Namespace, conn: Connection) -> int:
             out.show(Text(f"follow it with: meshtls ca status {args.name}"))
         return 0
     deadline = started + timeout
-    seen = {ca_view.REQUESTED}
-    progress: ca_view.RotationProgress | None = None
+    seen = {trust_domains.REQUESTED}
+    progress: trust_domains.RotationProgress | None = None
     while True:
         current = kube.get_trust_domain(args.name)
         if current is None:
             raise CommandFailed(f"TrustDomain {args.name} was deleted while waiting")
-        progress = ca_view.rotation_progress(current, request, old)
+        progress = trust_domains.rotation_progress(current, request, old)
         if progress.failure:
             _finish(out, result, False)
             raise CommandFailed(progress.failure)
@@ -134,8 +135,8 @@ def rotate(args: argparse.Namespace, conn: Connection) -> int:
             break
         time.sleep(POLL)
     _finish(out, result, False)
-    waiting_for = "take the request" if progress.phase == ca_view.REQUESTED else "switch signing to the new CA"
-    hint = "is the operator running? (meshtls check)" if progress.phase == ca_view.REQUESTED else \
+    waiting_for = "take the request" if progress.phase == trust_domains.REQUESTED else "switch signing to the new CA"
+    hint = "is the operator running? (meshtls check)" if progress.phase == trust_domains.REQUESTED else \
         "the switch comes spec.ca.propagationDelay after Preparing"
     raise CommandFailed(f"timed out after {timeout:.0f} s waiting for the operator to {waiting_for} "
                         f"(TrustDomain {args.name}, phase {progress.phase}); {hint}")

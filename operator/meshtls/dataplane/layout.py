@@ -1,0 +1,25 @@
+"""Where the injected sidecar finds its files: the mount points and the file names inside each volume.
+
+The webhook writes the pod's volumes and mounts from these names; the proxy reads the same names. The kubelet
+projects a Secret or ConfigMap as `..data` -> a timestamped directory, with the visible files symlinked through it.
+"""
+
+from __future__ import annotations
+
+# mount points in the sidecar container (phase 2 of #14: meshtls.sidecar.config takes these from here)
+IDENTITY_DIR = "/var/run/meshtls/identity"  # the identity Secret
+BUNDLE_DIR = "/var/run/meshtls/bundle"  # the trust bundle ConfigMap
+CONFIG_DIR = "/etc/meshtls"  # the rendered sidecar config
+CONFIG_FILE = "proxy.yaml"
+
+DATA_LINK = "..data"  # the kubelet's atomic-update symlink in a projected volume
+
+# the identity Secret (kubernetes.io/tls keys plus the bundle it was issued under)
+CERT_FILE = "tls.crt"  # leaf then chain
+KEY_FILE = "tls.key"
+# the trust bundle ConfigMap
+BUNDLE_FILE = "ca.crt"  # every root this workload trusts
+CRL_FILE = "crl.pem"  # the CRLs of every issuer in the bundle
+
+IDENTITY_FILES = (CERT_FILE, KEY_FILE)
+BUNDLE_FILES = (BUNDLE_FILE, CRL_FILE)

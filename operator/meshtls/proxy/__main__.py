@@ -1,0 +1,5 @@
+import sys
+
+from meshtls.proxy.main import main
+
+sys.exit(main())
