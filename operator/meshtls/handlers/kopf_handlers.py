@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime as dt
 import logging
+import os
 from typing import Any
 
 import kopf
@@ -21,9 +23,16 @@ from meshtls.api.constants import (
     WORKLOAD_IDENTITIES,
 )
 from meshtls.handlers import metrics
-from meshtls.handlers.reconcile import Operator, follow_peering, on_identity_event, reconcile_trust_domain
+from meshtls.handlers.reconcile import (
+    Operator,
+    follow_peering,
+    on_identity_event,
+    reconcile_trust_domain,
+    trust_domain_gone,
+)
 from meshtls.handlers.settings import OPTIONS
-from meshtls.handlers.trust import TrustDomains
+from meshtls.handlers.trust import RESYNC, TrustDomains
+from meshtls.handlers.trust_watch import watch_trust_objects
 from meshtls.kube import connect
 from meshtls.kube.queries import default_holder, run_heartbeat
 from meshtls.lifecycle.certificate import read_secret_certificate
@@ -55,9 +64,12 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         settings.peering.standalone = True
     kube = connect(OPTIONS.kubeconfig)
     clock = SystemClock()
-    op = Operator(kube=kube, clock=clock, trust=TrustDomains(kube, clock, OPTIONS.operator_namespace))
+    # how often a trust domain re-reads what it does not watch (federated bundles); tests shorten it
+    resync = dt.timedelta(seconds=float(os.environ.get("MESHTLS_TRUST_RESYNC_SECONDS") or RESYNC.total_seconds()))
+    op = Operator(kube=kube, clock=clock, trust=TrustDomains(kube, clock, OPTIONS.operator_namespace, resync))
     memo.op = op
     memo.scheduler_task = asyncio.create_task(op.scheduler.run())
+    memo.trust_watch_task = asyncio.create_task(watch_trust_objects(op, OPTIONS.operator_namespace))
     if OPTIONS.peering:
         memo.peering_task = asyncio.create_task(follow_peering(op, OPTIONS.peering, OPTIONS.priority,
                                                                OPTIONS.namespaces))
@@ -78,7 +90,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    for name in ("scheduler_task", "peering_task"):
+    for name in ("scheduler_task", "peering_task", "trust_watch_task"):
         task = memo.get(name)
         if task is not None:
             task.cancel()
@@ -102,9 +114,13 @@ async def trust_domain_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> No
     await reconcile_trust_domain(memo.op, dict(body))
 
 
-@kopf.on.delete(GROUP, VERSION, TRUST_DOMAINS, optional=True)
-async def trust_domain_deleted(name: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.op.trust.forget(name)
+# TrustDomains carry no finalizer, so kopf's deletion handlers may never run: the raw DELETED event is what says so
+@kopf.on.event(GROUP, VERSION, TRUST_DOMAINS)
+async def trust_domain_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    op: Operator | None = memo.get("op")
+    if op is None or event.get("type") != "DELETED":
+        return
+    await trust_domain_gone(op, str(event["object"]["metadata"]["name"]))
 
 
 # --- WorkloadIdentities ------------------------------------------------------------------------------------------

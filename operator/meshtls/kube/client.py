@@ -248,13 +248,17 @@ class Kube:
         if cm is None:
             return None
         return {"data": dict(cm.data or {}), "labels": dict(cm.metadata.labels or {}),
+                "annotations": dict(cm.metadata.annotations or {}), "uid": cm.metadata.uid,
                 "resourceVersion": cm.metadata.resource_version}
 
     @api_call
     def write_configmap(self, namespace: str, name: str, data: Mapping[str, str], labels: Mapping[str, str],
-                        current: dict[str, Any] | None, owner: Mapping[str, Any] | None = None) -> None:
+                        current: dict[str, Any] | None, owner: Mapping[str, Any] | None = None,
+                        annotations: Mapping[str, str] | None = None) -> None:
         body: dict[str, Any] = {"apiVersion": "v1", "kind": "ConfigMap",
                 "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)}, "data": dict(data)}
+        if annotations:
+            body["metadata"]["annotations"] = dict(annotations)
         if owner is not None:
             body["metadata"]["ownerReferences"] = [{**owner, "controller": True, "blockOwnerDeletion": False}]
         if current is None:
@@ -262,6 +266,44 @@ class Kube:
         else:
             body["metadata"]["resourceVersion"] = current["resourceVersion"]
             self.core.replace_namespaced_config_map(name, namespace, body)
+
+    @api_call
+    def delete_configmap(self, namespace: str, name: str, uid: str | None) -> None:
+        """Delete only that very object (uid precondition): never a same-named ConfigMap created since."""
+        options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid)) if uid else None
+        try:
+            self.core.delete_namespaced_config_map(name, namespace, body=options)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+
+    def watch_objects(self, kind: str, namespace: str | None, label_selector: str | None,
+                      on_event: Callable[[str, dict[str, Any]], None], stopped: Callable[[], bool],
+                      server_timeout: int = 120) -> None:
+        """Blocking: call on_event(type, object as a dict) for every change of Secrets or ConfigMaps until
+        stopped(); re-lists after an expired watch. Runs in a thread of its own."""
+        from kubernetes import watch
+
+        listers: dict[tuple[str, bool], Callable[..., Any]] = {("Secret", True): self.core.list_namespaced_secret,
+                   ("Secret", False): self.core.list_secret_for_all_namespaces,
+                   ("ConfigMap", True): self.core.list_namespaced_config_map,
+                   ("ConfigMap", False): self.core.list_config_map_for_all_namespaces}
+        lister = listers[(kind, namespace is not None)]
+        args = (namespace,) if namespace is not None else ()
+        while not stopped():
+            version = str(lister(*args, label_selector=label_selector, limit=1).metadata.resource_version)
+            w = watch.Watch()
+            try:
+                for item in w.stream(lister, *args, label_selector=label_selector, resource_version=version,
+                                     timeout_seconds=server_timeout, _request_timeout=server_timeout + 30):
+                    if stopped():
+                        return
+                    on_event(str(item.get("type")), dict(item.get("raw_object") or {}))
+            except ApiException as exc:
+                if exc.status != 410:  # 410: too old, list again
+                    raise
+            finally:
+                w.stop()
 
     # --- Namespaces --------------------------------------------------------------------------------------------
 
