@@ -682,10 +682,28 @@ class TrustDomains:
             except Conflict:
                 continue
             except Exception as exc:  # a namespace being deleted must not stop the others
+                if not await self._namespace_alive(namespace):
+                    return False
                 log.warning("could not publish the bundle into %s: %s", namespace, exc)
                 return False
             self.published[key] = data
             return True
+        return False
+
+    async def _namespace_alive(self, namespace: str) -> bool:
+        """False (and the namespace forgotten) when it is gone or terminating: no bundle is owed there any more."""
+        try:
+            if await self.kube.run(self.kube.namespace_exists, namespace):
+                return True
+        except Exception:
+            return True  # cannot tell: keep it, the next publish tries again
+        log.info("namespace %s is gone or terminating: no bundle published there any more", namespace)
+        for r in self._domains.values():
+            r.namespaces.discard(namespace)
+            r.selected.discard(namespace)
+            r.identities -= {k for k in r.identities if k[0] == namespace}
+        for key in [k for k in self.published if k[0] == namespace]:
+            self.published.pop(key, None)
         return False
 
     def bundle_changed(self, namespace: str, name: str, data: dict[str, str] | None) -> bool:
