@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -47,7 +49,8 @@ def trust_operator(cluster: Cluster, crds: None, operator: OperatorProcess,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[OperatorProcess]:
     """An operator with a short trust domain resync; the session operator is stopped meanwhile."""
     operator.stop()
-    proc = OperatorProcess(cluster.kubeconfig, tmp_path_factory.mktemp("trust-operator"), name="trust-operator",
+    log_dir = Path(os.environ.get("MESHTLS_E2E_LOGS") or tmp_path_factory.mktemp("trust-operator"))
+    proc = OperatorProcess(cluster.kubeconfig, log_dir, name="trust-operator",
                            env={"MESHTLS_TRUST_RESYNC_SECONDS": str(RESYNC_SECONDS)})
     proc.start()
     try:

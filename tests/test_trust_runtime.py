@@ -359,3 +359,30 @@ def test_an_unchanged_trust_domain_writes_its_status_once() -> None:
         assert len(kube.status_writes) == 1
 
     run(scenario())
+
+
+# --- item 4 (run-time part): the CRL is re-signed well before nextUpdate ---------------------------------------------
+
+
+@pytest.mark.parametrize("validity_s", [20, 60, 600, 86400])
+def test_a_crl_resign_is_scheduled_half_way_whatever_the_resync(validity_s: int) -> None:
+    kube = FakeKube()
+    kube.trust_domains["a.example"] = td("a.example", {"crl": {"validity": f"{validity_s}s"}})
+    clock = FakeClock(T0)
+    trust = TrustDomains(kube, clock, OPNS, resync=dt.timedelta(days=7))  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        runtime = await trust.get("a.example")
+        for _ in range(4):
+            signed_at = clock.now()
+            due = trust.next_phase_check(runtime)
+            assert due is not None and due <= signed_at + dt.timedelta(seconds=validity_s) / 2
+            clock.advance(due - clock.now())
+            before = runtime.crl_number
+            runtime, _changes = await trust.ensure(kube.trust_domains["a.example"])
+            assert runtime.crl_number == before + 1  # re-signed for age: a new number
+            crl = load_crls(runtime.crl)[0]
+            assert crl.next_update_utc is not None and crl.next_update_utc > clock.now() + dt.timedelta(
+                seconds=validity_s) / 2 - dt.timedelta(seconds=1)
+
+    run(scenario())

@@ -15,6 +15,8 @@ import asyncio
 import datetime as dt
 import json
 import logging
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +75,32 @@ def state_secret_name(trust_domain: str) -> str:
     return f"meshtls-ca-{trust_domain.replace('_', '-')}"[:253].rstrip(".-")
 
 
+class IdentitySet(set[tuple[str, str]]):
+    """The identities issued under a trust domain, counted per namespace: "has it any there?" is asked at every
+    reconcile, and must not cost a scan of ten thousand entries."""
+
+    def __init__(self, keys: Iterable[tuple[str, str]] = ()) -> None:
+        super().__init__()
+        self.per_namespace: Counter[str] = Counter()
+        for key in keys:
+            self.add(key)
+
+    def add(self, key: tuple[str, str]) -> None:
+        if key not in self:
+            super().add(key)
+            self.per_namespace[key[0]] += 1
+
+    def discard(self, key: object) -> None:
+        if key in self and isinstance(key, tuple):
+            super().discard(key)
+            self.per_namespace[key[0]] -= 1
+            if self.per_namespace[key[0]] <= 0:
+                del self.per_namespace[key[0]]
+
+    def in_namespace(self, namespace: str) -> bool:
+        return self.per_namespace.get(namespace, 0) > 0
+
+
 @dataclass
 class TrustDomainRuntime:
     spec: TrustDomainSpec
@@ -90,7 +118,7 @@ class TrustDomainRuntime:
     crl_signed: tuple[dt.datetime, tuple[object, ...]] | None = None
     namespaces: set[str] = field(default_factory=set)  # every namespace it ever published into
     selected: set[str] = field(default_factory=set)  # namespaces spec.bundle.namespaceSelector picks
-    identities: set[tuple[str, str]] = field(default_factory=set)
+    identities: IdentitySet = field(default_factory=IdentitySet)
     bundle_names: set[str] = field(default_factory=set)  # ConfigMap names it published under (a rename cleans up)
     last_status: dict[str, Any] | None = None  # what the API holds, to write only what changes
     reported: dict[str, tuple[str, str]] = field(default_factory=dict)  # condition type -> problem Evented
@@ -137,7 +165,7 @@ class TrustDomainRuntime:
         return merge_bundle([self.contribution()])
 
     def active_in(self, namespace: str) -> bool:
-        return namespace in self.selected or any(ns == namespace for ns, _ in self.identities)
+        return namespace in self.selected or self.identities.in_namespace(namespace)
 
 
 class TrustDomainError(Exception):
@@ -362,17 +390,18 @@ class TrustDomains:
         metrics.crl_entries.labels(spec.name).set(len(drop_expired(runtime.revocations, now)))
         return runtime, changes
 
-    async def _identities_of(self, name: str) -> set[Key]:
+    async def _identities_of(self, name: str) -> IdentitySet:
         """At a trust domain's first load, the identities issued under it (or naming it): its bundles must carry
         every namespace's full set of roots before those identities are reconciled again."""
         try:
             bodies = await self.kube.run(self.kube.list_workload_identities)
         except Exception as exc:  # only a head start: identities bind themselves as they reconcile
             log.warning("listing identities for trust domain %s failed: %s", name, exc)
-            return set()
-        return {(str(b["metadata"]["namespace"]), str(b["metadata"]["name"])) for b in bodies
-                if ((b.get("spec") or {}).get("trustDomain") or (b.get("status") or {}).get("trustDomain")) == name
-                and not b["metadata"].get("deletionTimestamp")}
+            return IdentitySet()
+        return IdentitySet((str(b["metadata"]["namespace"]), str(b["metadata"]["name"])) for b in bodies
+                           if ((b.get("spec") or {}).get("trustDomain")
+                               or (b.get("status") or {}).get("trustDomain")) == name
+                           and not b["metadata"].get("deletionTimestamp"))
 
     def _advance(self, runtime: TrustDomainRuntime, now: dt.datetime, request: str | None,
                  replacement: CertificateAuthority | None) -> list[tuple[str, str]]:
@@ -597,7 +626,7 @@ class TrustDomains:
                 runtime.selected = set(await self.kube.run(self.kube.list_namespaces, selector))
             else:
                 runtime.selected = set()
-            targets |= runtime.selected | {ns for ns, _ in runtime.identities}
+            targets |= runtime.selected | set(runtime.identities.per_namespace)
         current = runtime.spec.bundle_configmap
         slots = asyncio.Semaphore(8)
 
@@ -701,7 +730,8 @@ class TrustDomains:
         for r in self._domains.values():
             r.namespaces.discard(namespace)
             r.selected.discard(namespace)
-            r.identities -= {k for k in r.identities if k[0] == namespace}
+            for key in [k for k in r.identities if k[0] == namespace]:
+                r.identities.discard(key)
         for key in [k for k in self.published if k[0] == namespace]:
             self.published.pop(key, None)
         return False
