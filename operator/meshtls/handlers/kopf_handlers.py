@@ -15,6 +15,7 @@ import kopf
 from meshtls.api.constants import (
     ANNOTATION_SERIAL,
     GROUP,
+    LABEL_BUNDLE,
     LABEL_IDENTITY,
     LABEL_MANAGED_BY,
     MANAGED_BY,
@@ -32,7 +33,7 @@ from meshtls.handlers.reconcile import (
 )
 from meshtls.handlers.settings import OPTIONS
 from meshtls.handlers.trust import RESYNC, TrustDomains
-from meshtls.handlers.trust_watch import watch_trust_objects
+from meshtls.handlers.trust_watch import follow_trust_secrets, on_bundle_configmap
 from meshtls.kube import connect
 from meshtls.kube.queries import default_holder, run_heartbeat
 from meshtls.lifecycle.certificate import read_secret_certificate
@@ -49,6 +50,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.posting.level = logging.WARNING  # our own Events say what happened; kopf's would double them
     # Server-side selector: the watch carries only meshtls's Secrets, not every Secret of the cluster (memory, API load)
     settings.watching.label_selectors["", "v1", "secrets"] = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_IDENTITY}"
+    settings.watching.label_selectors["", "v1", "configmaps"] = f"{LABEL_BUNDLE}=true"  # only the trust bundles
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
     settings.watching.connect_timeout = 10
@@ -69,7 +71,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     op = Operator(kube=kube, clock=clock, trust=TrustDomains(kube, clock, OPTIONS.operator_namespace, resync))
     memo.op = op
     memo.scheduler_task = asyncio.create_task(op.scheduler.run())
-    memo.trust_watch_task = asyncio.create_task(watch_trust_objects(op, OPTIONS.operator_namespace))
+    memo.trust_watch_task = asyncio.create_task(follow_trust_secrets(op, OPTIONS.operator_namespace))
     if OPTIONS.peering:
         memo.peering_task = asyncio.create_task(follow_peering(op, OPTIONS.peering, OPTIONS.priority,
                                                                OPTIONS.namespaces))
@@ -158,6 +160,20 @@ async def managed_secret_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) 
     serial = meta.get("annotations", {}).get(ANNOTATION_SERIAL)
     if parsed.problem or parsed.serial != serial:  # our own writes are always consistent: this was someone else
         op.scheduler.schedule(key, op.clock.now())
+
+
+# --- trust bundle ConfigMaps: restored when deleted or changed (judged by content) -----------------------------
+
+
+@kopf.on.event("", "v1", "configmaps", labels={LABEL_BUNDLE: "true"})
+async def bundle_configmap_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    op: Operator | None = memo.get("op")
+    if op is None or op.paused:
+        return
+    obj: dict[str, Any] = dict(event["object"])
+    meta = obj.get("metadata", {})
+    await on_bundle_configmap(op, str(event.get("type") or ""), str(meta.get("namespace")), str(meta.get("name")),
+                              dict(obj.get("data") or {}))
 
 
 @kopf.on.probe(id="scheduled")

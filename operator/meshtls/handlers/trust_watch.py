@@ -1,87 +1,68 @@
-"""Watches for what trust domains read and write beside their own resource, so that a change is acted on at once:
+"""Following what trust domains read and write beside their own resource, so that a change is acted on at once.
 
-- the Secrets in the operator's namespace: a brought CA deleted, replaced or appearing; a CA state Secret deleted
-  (written back from memory); a federated bundle kept in a Secret there;
-- the bundle ConfigMaps meshtls published (label meshtls.dev/bundle=true): deleted or edited ones are restored.
-
-Each runs the client's blocking watch in a thread and hands events to the event loop.
+- The Secrets a trust domain reads in the operator's namespace (a brought CA, its CA state, a federated bundle
+  kept there) are looked at by name every SECRET_POLL seconds: the operator's RBAC there is named reads and writes
+  only, no list or watch. A brought CA deleted, replaced or appearing, or a deleted CA state Secret, reconciles the
+  trust domain at once (a deleted state is written back from memory).
+- The bundle ConfigMaps meshtls published (label meshtls.dev/bundle=true) are watched by kopf
+  (`kopf_handlers.bundle_configmap_event`): deleted or edited ones are restored, judged by content.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
-from typing import Any
 
-from meshtls.api.constants import LABEL_BUNDLE, LABEL_MANAGED_BY, MANAGED_BY
 from meshtls.handlers.reconcile import TRUST_DOMAIN_KEY, Operator
+from meshtls.handlers.trust import state_secret_name
 
 log = logging.getLogger("meshtls.trust")
-RESTART_DELAY = 5.0  # seconds before a failed watch starts again
+SECRET_POLL = 2.0  # seconds between looks at the Secrets trust domains read
 
 
-async def _watch(op: Operator, kind: str, namespace: str | None, selector: str | None,
-                 handle: Any, stop: threading.Event) -> None:
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[tuple[str, dict[str, Any]]] = asyncio.Queue()
-
-    def on_event(type_: str, obj: dict[str, Any]) -> None:
-        loop.call_soon_threadsafe(queue.put_nowait, (type_, obj))
-
-    async def consume() -> None:
-        while True:
-            type_, obj = await queue.get()
-            try:
-                await handle(op, type_, obj)
-            except Exception as exc:  # one bad event must not end the watch
-                log.warning("handling a %s event failed: %s", kind, exc)
-
-    consumer = asyncio.create_task(consume())
-    try:
-        while not stop.is_set():
-            try:
-                await asyncio.to_thread(op.kube.watch_objects, kind, namespace, selector, on_event, stop.is_set)
-            except Exception as exc:
-                log.warning("watching %ss%s failed (%s); again in %.0f s", kind,
-                            f" in {namespace}" if namespace else "", exc, RESTART_DELAY)
-                await asyncio.sleep(RESTART_DELAY)
-    finally:
-        stop.set()
-        consumer.cancel()
+async def follow_trust_secrets(op: Operator, operator_namespace: str) -> None:
+    """Until cancelled: reconcile a trust domain when a Secret it reads in the operator's namespace changed."""
+    seen: dict[str, str | None] = {}  # Secret name -> resourceVersion (None: absent)
+    while True:
+        await asyncio.sleep(SECRET_POLL)
+        if op.paused:
+            continue
+        try:
+            await _look_once(op, operator_namespace, seen)
+        except Exception as exc:  # a failed look is repeated at the next poll
+            log.warning("reading the Secrets trust domains use failed: %s", exc)
 
 
-async def _operator_secret_event(op: Operator, type_: str, obj: dict[str, Any]) -> None:
-    meta = obj.get("metadata") or {}
-    for name in op.trust.referencing("Secret", str(meta.get("namespace")), str(meta.get("name"))):
-        if type_ == "MODIFIED" and (meta.get("labels") or {}).get(LABEL_MANAGED_BY) == MANAGED_BY \
-                and _is_state_secret(op, name, meta):
-            continue  # our own state write coming back (a deleted one comes as DELETED)
-        op.scheduler.schedule((TRUST_DOMAIN_KEY, name), op.clock.now())
+async def _look_once(op: Operator, operator_namespace: str, seen: dict[str, str | None]) -> None:
+    wanted: dict[str, list[str]] = {}
+    for td, refs in list(op.trust.refs.items()):
+        for kind, namespace, name in refs:
+            if kind == "Secret" and namespace == operator_namespace:
+                wanted.setdefault(name, []).append(td)
+    for name in list(seen):
+        if name not in wanted:
+            del seen[name]
+    for name, trust_domains in sorted(wanted.items()):
+        secret = await op.kube.run(op.kube.read_secret, operator_namespace, name)
+        version = secret.resource_version if secret.exists else None
+        if name not in seen:
+            seen[name] = version
+            continue
+        if seen[name] == version:
+            continue
+        seen[name] = version
+        for td in trust_domains:
+            if version is not None and name == state_secret_name(td):
+                continue  # our own state writes (a deleted state shows as None)
+            log.info("Secret %s/%s %s: reconciling trust domain %s", operator_namespace, name,
+                     "changed" if version else "deleted", td)
+            op.scheduler.schedule((TRUST_DOMAIN_KEY, td), op.clock.now())
 
 
-def _is_state_secret(op: Operator, trust_domain: str, meta: dict[str, Any]) -> bool:
-    from meshtls.handlers.trust import state_secret_name
-
-    return str(meta.get("name")) == state_secret_name(trust_domain)
-
-
-async def _bundle_event(op: Operator, type_: str, obj: dict[str, Any]) -> None:
-    meta = obj.get("metadata") or {}
-    namespace, name = str(meta.get("namespace")), str(meta.get("name"))
-    data = None if type_ == "DELETED" else dict(obj.get("data") or {})
+async def on_bundle_configmap(op: Operator, event_type: str, namespace: str, name: str,
+                              data: dict[str, str] | None) -> None:
+    if event_type == "DELETED":
+        data = None
     if op.trust.bundle_changed(namespace, name, data):
         log.info("bundle %s/%s %s: restoring it", namespace, name, "deleted" if data is None else "changed")
         await op.trust.publish_bundle(namespace, name)
-
-
-async def watch_trust_objects(op: Operator, operator_namespace: str) -> None:
-    """Both watches, until cancelled."""
-    stop = threading.Event()
-    try:
-        await asyncio.gather(
-            _watch(op, "Secret", operator_namespace, None, _operator_secret_event, stop),
-            _watch(op, "ConfigMap", None, f"{LABEL_BUNDLE}=true", _bundle_event, stop),
-        )
-    finally:
-        stop.set()

@@ -277,34 +277,6 @@ class Kube:
             if exc.status != 404:
                 raise
 
-    def watch_objects(self, kind: str, namespace: str | None, label_selector: str | None,
-                      on_event: Callable[[str, dict[str, Any]], None], stopped: Callable[[], bool],
-                      server_timeout: int = 120) -> None:
-        """Blocking: call on_event(type, object as a dict) for every change of Secrets or ConfigMaps until
-        stopped(); re-lists after an expired watch. Runs in a thread of its own."""
-        from kubernetes import watch
-
-        listers: dict[tuple[str, bool], Callable[..., Any]] = {("Secret", True): self.core.list_namespaced_secret,
-                   ("Secret", False): self.core.list_secret_for_all_namespaces,
-                   ("ConfigMap", True): self.core.list_namespaced_config_map,
-                   ("ConfigMap", False): self.core.list_config_map_for_all_namespaces}
-        lister = listers[(kind, namespace is not None)]
-        args = (namespace,) if namespace is not None else ()
-        while not stopped():
-            version = str(lister(*args, label_selector=label_selector, limit=1).metadata.resource_version)
-            w = watch.Watch()
-            try:
-                for item in w.stream(lister, *args, label_selector=label_selector, resource_version=version,
-                                     timeout_seconds=server_timeout, _request_timeout=server_timeout + 30):
-                    if stopped():
-                        return
-                    on_event(str(item.get("type")), dict(item.get("raw_object") or {}))
-            except ApiException as exc:
-                if exc.status != 410:  # 410: too old, list again
-                    raise
-            finally:
-                w.stop()
-
     # --- Namespaces --------------------------------------------------------------------------------------------
 
     @api_call
