@@ -68,7 +68,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     clock = SystemClock()
     # how often a trust domain re-reads what it does not watch (federated bundles); tests shorten it
     resync = dt.timedelta(seconds=float(os.environ.get("MESHTLS_TRUST_RESYNC_SECONDS") or RESYNC.total_seconds()))
-    op = Operator(kube=kube, clock=clock, trust=TrustDomains(kube, clock, OPTIONS.operator_namespace, resync))
+    op = Operator(kube=kube, clock=clock, trust=TrustDomains(kube, clock, OPTIONS.operator_namespace, resync,
+                                                               OPTIONS.namespaces))
     memo.op = op
     memo.scheduler_task = asyncio.create_task(op.scheduler.run())
     memo.trust_watch_task = asyncio.create_task(follow_trust_secrets(op, OPTIONS.operator_namespace))

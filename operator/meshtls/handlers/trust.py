@@ -202,17 +202,21 @@ def _ready_problem(status: dict[str, Any] | None) -> tuple[str, str] | None:
 class TrustDomains:
     """The trust domains this operator signs for, loaded on demand and kept in memory."""
 
-    def __init__(self, kube: Kube, clock: Clock, operator_namespace: str, resync: dt.timedelta = RESYNC) -> None:
+    def __init__(self, kube: Kube, clock: Clock, operator_namespace: str, resync: dt.timedelta = RESYNC,
+                 served: list[str] | None = None) -> None:
         self.kube = kube
         self.clock = clock
         self.namespace = operator_namespace
         self.resync = resync
+        self.served = list(served or [])  # the namespaces this operator serves; empty: all
         self._domains: dict[str, TrustDomainRuntime] = {}
         self._load_lock = asyncio.Lock()
         self.problems: dict[str, tuple[str, str]] = {}  # trust domain -> (reason, message) while unusable
         self.attempted: set[str] = set()  # trust domains whose load was tried since the start
         self.defaults: dict[str, bool] = {}  # trust domain -> marked default, as last seen
         self.refs: dict[str, set[tuple[str, str, str]]] = {}  # trust domain -> (kind, namespace, name) it reads
+        # (trust domain, Secret in the operator's namespace) -> resourceVersion at its last load (None: absent)
+        self.read_versions: dict[tuple[str, str], str | None] = {}
         self.waiting: dict[str, set[Key]] = {}  # trust domain ("" = the default) -> identities that could not use it
         self.published: dict[BundleKey, dict[str, str]] = {}  # bundle ConfigMap -> data last written or confirmed
         self.bundle_conflicts: dict[BundleKey, str] = {}  # bundle ConfigMap squatted by an object not ours
@@ -229,6 +233,8 @@ class TrustDomains:
         self.problems.pop(name, None)
         self.defaults.pop(name, None)
         self.refs.pop(name, None)
+        for key in [k for k in self.read_versions if k[0] == name]:
+            del self.read_versions[key]
         return self._domains.pop(name, None)
 
     def take_waiting(self, name: str) -> set[Key]:
@@ -394,7 +400,10 @@ class TrustDomains:
         """At a trust domain's first load, the identities issued under it (or naming it): its bundles must carry
         every namespace's full set of roots before those identities are reconciled again."""
         try:
-            bodies = await self.kube.run(self.kube.list_workload_identities)
+            bodies = []
+            scopes: list[str | None] = list(self.served) or [None]  # a namespaced operator lists where it serves
+            for namespace in scopes:
+                bodies += await self.kube.run(self.kube.list_workload_identities, namespace)
         except Exception as exc:  # only a head start: identities bind themselves as they reconcile
             log.warning("listing identities for trust domain %s failed: %s", name, exc)
             return IdentitySet()
@@ -465,6 +474,7 @@ class TrustDomains:
         ref = spec.ca_secret_ref
         assert ref is not None
         secret = await self.kube.run(self.kube.read_secret, self.namespace, ref)
+        self.read_versions[(spec.name, ref)] = secret.resource_version if secret.exists else None
         if not secret.exists:
             raise TrustDomainError("CASecretMissing", f"spec.ca.secretRef: Secret {self.namespace}/{ref} not found")
         cert = secret.data.get("tls.crt") or secret.data.get("ca.crt")
