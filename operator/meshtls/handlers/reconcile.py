@@ -124,8 +124,8 @@ async def reconcile_trust_domain(op: Operator, body: dict[str, Any]) -> None:
     """Load or create the trust domain's CA, move its rotation forward, publish bundles, report.
 
     An unusable trust domain (missing or invalid CA, squatted state Secret) is an expected condition: reported once
-    per change (condition + one Warning Event, no traceback), re-checked every RETRY_INVALID, and at once when a
-    Secret it reads changes (handlers.trust_watch)."""
+    per change (condition + one Warning Event, no traceback), re-checked every two resyncs (60 s), and at once when
+    a Secret it reads changes (handlers.trust_watch)."""
     name = body["metadata"]["name"]
     status = dict(body.get("status") or {})
     defaults_before = op.trust.default_conflict()

@@ -462,14 +462,6 @@ class TrustDomains:
             due.append(crl_resign_at(runtime.crl_signed[0], spec.crl_validity))
         return min(due)
 
-    async def advance(self, name: str) -> tuple[TrustDomainRuntime, list[tuple[str, str]]] | None:
-        """Re-evaluate a trust domain's rotation from its resource (the phase timer calls this)."""
-        body = await self.kube.run(self.kube.get_trust_domain, name)
-        if body is None:
-            self.forget(name)
-            return None
-        return await self.ensure(body)
-
     async def _load_brought_ca(self, spec: TrustDomainSpec, now: dt.datetime) -> CertificateAuthority:
         ref = spec.ca_secret_ref
         assert ref is not None
@@ -601,12 +593,6 @@ class TrustDomains:
             names = {runtime.spec.bundle_configmap} | {r.spec.bundle_configmap for r in left}
             await asyncio.gather(*(self.publish_bundle(namespace, name) for name in sorted(names)))
         elif (namespace, runtime.spec.bundle_configmap) not in self.published:
-            await self.publish_bundle(namespace, runtime.spec.bundle_configmap)
-
-    async def add_namespace(self, runtime: TrustDomainRuntime, namespace: str) -> None:
-        """A namespace with an identity gets the bundle before the identity's Secret exists."""
-        if namespace not in runtime.namespaces:
-            runtime.namespaces.add(namespace)
             await self.publish_bundle(namespace, runtime.spec.bundle_configmap)
 
     async def unbind(self, key: Key) -> None:
