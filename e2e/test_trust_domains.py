@@ -343,7 +343,8 @@ def test_unusable_trust_domains_report_once_and_recover_at_once(kube: Kube, name
              .get("reason") == "CASecretMissing", 15)
     start_tracebacks = tracebacks(op)
     versions = {td: kube.trust_domain(td)["metadata"]["resourceVersion"] for td in expected}
-    window = 6 * RESYNC_SECONDS + 5  # well over the 10 s loop of old; several re-checks of the new
+    # past the first 60 s re-check, after which the code of old logged a traceback every 10 s; many resyncs of the new
+    window = 75
     time.sleep(window)
     counts = {td: len(td_events(kube, td, reason)) for td, reason in expected.items()}
     new_tracebacks = tracebacks(op) - start_tracebacks
