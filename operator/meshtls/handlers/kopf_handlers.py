@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime as dt
 import logging
+import os
 from typing import Any
 
 import kopf
 
 from meshtls.api.constants import (
     GROUP,
+    LABEL_BUNDLE,
     LABEL_IDENTITY,
     LABEL_MANAGED_BY,
     MANAGED_BY,
@@ -20,9 +23,16 @@ from meshtls.api.constants import (
     WORKLOAD_IDENTITIES,
 )
 from meshtls.handlers import metrics
-from meshtls.handlers.reconcile import Operator, follow_peering, on_identity_event, reconcile_trust_domain
+from meshtls.handlers.reconcile import (
+    Operator,
+    follow_peering,
+    on_identity_event,
+    reconcile_trust_domain,
+    trust_domain_gone,
+)
 from meshtls.handlers.settings import OPTIONS
-from meshtls.handlers.trust import TrustDomains
+from meshtls.handlers.trust import RESYNC, TrustDomains
+from meshtls.handlers.trust_watch import follow_trust_secrets, on_bundle_configmap
 from meshtls.kube import connect
 from meshtls.kube.queries import default_holder, run_heartbeat
 from meshtls.lifecycle.clock import SystemClock
@@ -40,7 +50,9 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     settings.posting.level = logging.WARNING  # our own Events say what happened; kopf's would double them
     # Server-side selector: the watch carries only meshtls's Secrets, not every Secret of the cluster (memory, API load)
     settings.watching.label_selectors["", "v1", "secrets"] = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_IDENTITY}"
-    settings.watching.label_selectors["", "v1", "configmaps"] = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_IDENTITY}"
+    # one watch for both kinds of ConfigMap meshtls writes (sidecar configs, trust bundles): kopf ANDs the selectors
+    # set for one resource, so each handler below filters on its own label
+    settings.watching.label_selectors["", "v1", "configmaps"] = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
     settings.watching.connect_timeout = 10
@@ -56,9 +68,13 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
         settings.peering.standalone = True
     kube = connect(OPTIONS.kubeconfig)
     clock = SystemClock()
-    op = Operator(kube=kube, clock=clock, trust=TrustDomains(kube, clock, OPTIONS.operator_namespace))
+    # how often a trust domain re-reads what it does not watch (federated bundles); tests shorten it
+    resync = dt.timedelta(seconds=float(os.environ.get("MESHTLS_TRUST_RESYNC_SECONDS") or RESYNC.total_seconds()))
+    op = Operator(kube=kube, clock=clock, trust=TrustDomains(kube, clock, OPTIONS.operator_namespace, resync,
+                                                               OPTIONS.namespaces))
     memo.op = op
     memo.scheduler_task = asyncio.create_task(op.scheduler.run())
+    memo.trust_watch_task = asyncio.create_task(follow_trust_secrets(op, OPTIONS.operator_namespace))
     if OPTIONS.peering:
         memo.peering_task = asyncio.create_task(follow_peering(op, OPTIONS.peering, OPTIONS.priority,
                                                                OPTIONS.namespaces))
@@ -79,7 +95,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    for name in ("scheduler_task", "peering_task"):
+    for name in ("scheduler_task", "peering_task", "trust_watch_task"):
         task = memo.get(name)
         if task is not None:
             task.cancel()
@@ -103,9 +119,13 @@ async def trust_domain_changed(body: kopf.Body, memo: kopf.Memo, **_: Any) -> No
     await reconcile_trust_domain(memo.op, dict(body))
 
 
-@kopf.on.delete(GROUP, VERSION, TRUST_DOMAINS, optional=True)
-async def trust_domain_deleted(name: str, memo: kopf.Memo, **_: Any) -> None:
-    memo.op.trust.forget(name)
+# TrustDomains carry no finalizer, so kopf's deletion handlers may never run: the raw DELETED event is what says so
+@kopf.on.event(GROUP, VERSION, TRUST_DOMAINS)
+async def trust_domain_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    op: Operator | None = memo.get("op")
+    if op is None or event.get("type") != "DELETED":
+        return
+    await trust_domain_gone(op, str(event["object"]["metadata"]["name"]))
 
 
 # --- WorkloadIdentities ------------------------------------------------------------------------------------------
@@ -161,6 +181,20 @@ async def managed_configmap_event(event: kopf.RawEvent, memo: kopf.Memo, **_: An
     if event["type"] == "DELETED" or dict(obj.get("data") or {}) != {CONFIG_FILE: written}:
         op.rendered.pop(key, None)  # the cache must not hide the change: the next reconcile writes it again
         op.scheduler.schedule(key, op.clock.now())
+
+
+# --- trust bundle ConfigMaps: restored when deleted or changed (judged by content) -----------------------------
+
+
+@kopf.on.event("", "v1", "configmaps", labels={LABEL_BUNDLE: "true"})
+async def bundle_configmap_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    op: Operator | None = memo.get("op")
+    if op is None or op.paused:
+        return
+    obj: dict[str, Any] = dict(event["object"])
+    meta = obj.get("metadata", {})
+    await on_bundle_configmap(op, str(event.get("type") or ""), str(meta.get("namespace")), str(meta.get("name")),
+                              dict(obj.get("data") or {}))
 
 
 @kopf.on.probe(id="scheduled")

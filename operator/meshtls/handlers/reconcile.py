@@ -36,7 +36,7 @@ from meshtls.handlers.scheduler import Key, RenewalScheduler
 from meshtls.handlers.targets import PodSelectionIndex, TargetIndex
 from meshtls.handlers.trust import TrustDomainError, TrustDomainRuntime, TrustDomains
 from meshtls.kube import Conflict, Kube
-from meshtls.kube.client import ApiError
+from meshtls.kube.client import ApiError, NotFound
 from meshtls.lifecycle.ca_rotation import reissue_delay
 from meshtls.lifecycle.certificate import dns_names_of
 from meshtls.lifecycle.clock import Clock
@@ -122,9 +122,7 @@ class Operator:
             self.scheduler.schedule(key, self.clock.now() + PAUSED_RECHECK)
             return
         if key[0] == TRUST_DOMAIN_KEY:  # a trust domain's CA rotation timer shares the heap
-            result = await self.trust.advance(key[1])
-            if result is not None:
-                await after_trust_domain_change(self, result[0], result[1], None)
+            await reconcile_trust_domain_named(self, key[1])
             return
         await reconcile(self, *key)
 
@@ -143,36 +141,100 @@ class Operator:
 
 
 async def reconcile_trust_domain(op: Operator, body: dict[str, Any]) -> None:
-    """Load or create the trust domain's CA, move its rotation forward, publish bundles, report."""
+    """Load or create the trust domain's CA, move its rotation forward, publish bundles, report.
+
+    An unusable trust domain (missing or invalid CA, squatted state Secret) is an expected condition: reported once
+    per change (condition + one Warning Event, no traceback), re-checked every two resyncs (60 s), and at once when
+    a Secret it reads changes (handlers.trust_watch)."""
     name = body["metadata"]["name"]
     status = dict(body.get("status") or {})
+    defaults_before = op.trust.default_conflict()
     try:
         runtime, changes = await op.trust.ensure(body)
     except TrustDomainError as exc:
-        await op.kube.run(op.kube.patch_trust_domain_status, name, op.trust.failed_status(status, exc.reason,
-                                                                                          exc.message))
-        await op.post_event({**body, "kind": "TrustDomain"}, "Warning", exc.reason, exc.message)
-        op.scheduler.schedule((TRUST_DOMAIN_KEY, name), op.clock.now() + RETRY_INVALID)
+        await _report_unusable_trust_domain(op, body, status, exc)
+        op.scheduler.schedule((TRUST_DOMAIN_KEY, name), op.clock.now() + op.trust.resync * 2)
         return
+    runtime.last_status = status
     await after_trust_domain_change(op, runtime, changes, body)
+    if op.trust.default_conflict() != defaults_before:  # the other TrustDomains marked default say so too
+        for other in set(defaults_before) | set(op.trust.default_conflict()):
+            if other != name:
+                op.scheduler.schedule((TRUST_DOMAIN_KEY, other), op.clock.now())
+
+
+async def _report_unusable_trust_domain(op: Operator, body: dict[str, Any], status: dict[str, Any],
+                                        exc: TrustDomainError) -> None:
+    name = body["metadata"]["name"]
+    patch = op.trust.failed_status(status, exc.reason, exc.message)
+    if patch is None:
+        return  # already reported: no write, no Event
+    log.warning("trust domain %s not usable: %s: %s", name, exc.reason, exc.message)
+    try:
+        await op.kube.run(op.kube.patch_trust_domain_status, name, patch)
+    except NotFound:
+        return
+    await op.post_event({**body, "kind": "TrustDomain"}, "Warning", exc.reason, exc.message)
+
+
+async def reconcile_trust_domain_named(op: Operator, name: str) -> None:
+    """The trust domain's timer, or a Secret/ConfigMap it reads changed: reconcile it from a fresh read."""
+    body = await op.kube.run(op.kube.get_trust_domain, name)
+    if body is None:
+        await trust_domain_gone(op, name)
+        return
+    await reconcile_trust_domain(op, body)
+
+
+async def trust_domain_gone(op: Operator, name: str) -> None:
+    """Deleted: nothing is signed under it from now on; its identities re-check (and report it); its roots leave
+    the bundles other trust domains share."""
+    op.scheduler.forget((TRUST_DOMAIN_KEY, name))
+    runtime = op.trust.forget(name)
+    if runtime is None:
+        return
+    log.info("trust domain %s deleted: %d identities lose their issuer", name, len(runtime.identities))
+    now = op.clock.now()
+    for key in sorted(runtime.identities):
+        op.scheduler.schedule(key, now)
+    await op.trust.withdraw(runtime)
 
 
 async def after_trust_domain_change(op: Operator, runtime: TrustDomainRuntime, changes: list[tuple[str, str]],
                                     body: dict[str, Any] | None) -> None:
     await op.trust.publish(runtime)
-    await op.kube.run(op.kube.patch_trust_domain_status, runtime.name, op.trust.status_of(runtime))
+    await op.trust.write_status(runtime)
     ref = body or {"apiVersion": API_VERSION, "kind": "TrustDomain", "metadata": {"name": runtime.name}}
     for reason, message in changes:
         await op.post_event({**ref, "kind": "TrustDomain"}, "Normal", reason, message)
+    for reason, message in op.trust.new_problems(runtime):
+        log.warning("trust domain %s: %s: %s", runtime.name, reason, message)
+        await op.post_event({**ref, "kind": "TrustDomain"}, "Warning", reason, message)
+        if reason == "BundleConflict":
+            await _warn_identities_of_conflicts(op, runtime)
     if any(reason == "CARotated" for reason, _ in changes):
         # every identity re-issues from the new CA, spread so that thousands do not sign in the same second
         spread = min(runtime.spec.policy.default_ttl / 4, MAX_REISSUE_SPREAD)
         now = op.clock.now()
         for key in list(runtime.identities):
             op.scheduler.schedule(key, now + reissue_delay(f"{key[0]}/{key[1]}", spread))
+    now = op.clock.now()
+    for key in op.trust.take_waiting(runtime.name):  # identities that waited for this trust domain to work
+        op.scheduler.schedule(key, now)
     next_check = op.trust.next_phase_check(runtime)
     if next_check is not None:
         op.scheduler.schedule((TRUST_DOMAIN_KEY, runtime.name), next_check)
+
+
+async def _warn_identities_of_conflicts(op: Operator, runtime: TrustDomainRuntime) -> None:
+    """Identities whose namespace has no bundle say so too: their peers there cannot verify them."""
+    name = runtime.spec.bundle_configmap
+    for namespace, identity in sorted(runtime.identities):
+        problem = op.trust.bundle_conflicts.get((namespace, name))
+        if problem is not None:
+            await op.post_event({"apiVersion": API_VERSION, "kind": KIND_WORKLOAD_IDENTITY,
+                                 "metadata": {"name": identity, "namespace": namespace}}, "Warning",
+                                "BundleConflict", f"trust domain {runtime.name}: {problem}")
 
 
 async def follow_peering(op: Operator, name: str, priority: int, namespaces: list[str]) -> None:
@@ -301,9 +363,8 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any], read_s
     annotations: dict[str, str] = dict(body["metadata"].get("annotations") or {})
     try:
         spec = parse_workload_identity(body)
-        runtime = await op.trust.get(spec.trust_domain)
+        runtime = await op.trust.resolve(spec.trust_domain, status.get("trustDomain"), key)
         identity = resolve_identity(spec, runtime.spec)
-        runtime.identities.add(key)
     except (SpecError, TrustDomainError) as exc:
         reason = exc.reason
         message = str(exc) if isinstance(exc, SpecError) else exc.message
@@ -312,7 +373,7 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any], read_s
         return
 
     await _report_overlaps(op, key, body, spec.service_account, spec.pod_selector, status)
-    await op.trust.add_namespace(runtime, namespace)
+    await op.trust.bind(runtime, key)
     try:
         await _publish_sidecar_config(op, body, identity, runtime.spec.bundle_configmap)
     except SpecError as exc:
@@ -462,12 +523,15 @@ async def _revoke_superseded(op: Operator, body: dict[str, Any], superseded: Sup
     done: set[str] = set()
     told: list[str] = []
     for trust_domain, serials in superseded.serials.items():
-        try:
-            runtime = await op.trust.get(trust_domain)
-        except TrustDomainError as exc:
-            # its CA is gone with it: no sidecar trusts those certificates any more, and there is no CRL to publish
-            told.append(f"trust domain {trust_domain} is gone ({exc.message}): {len(serials)} serial(s) need no CRL")
-            done.update(serial for serial, _ in serials)
+        runtime, (why_reason, why) = await _issuer_for_revocation(op, trust_domain)
+        if runtime is None:
+            if why_reason == "TrustDomainGone":
+                # its CA is gone with it: no sidecar trusts those certificates any more, and there is no CRL to publish
+                told.append(f"trust domain {trust_domain} is gone ({why}): {len(serials)} serial(s) need no CRL")
+                done.update(serial for serial, _ in serials)
+            else:  # unusable for now: they stay in activeSerials, and the identity's deletion revokes them again
+                told.append(f"trust domain {trust_domain} cannot sign a CRL now ({why}); {len(serials)} serial(s) "
+                            "kept for deletion")
             continue
         try:
             await op.trust.revoke(runtime, [RevokedCertificate(int(serial, 16), now, not_after,
@@ -634,6 +698,21 @@ async def _revoke_current(op: Operator, runtime: TrustDomainRuntime, state: Iden
                                                        reason)])
 
 
+async def _issuer_for_revocation(op: Operator, name: str | None
+                                 ) -> tuple[TrustDomainRuntime | None, tuple[str, str]]:
+    """The trust domain that signed a deleted identity's certificates, or None with (Event reason, why)."""
+    try:
+        if name:
+            runtime = await op.trust.get_existing(name)
+            # not loaded (yet) but there: load it; gone: get() says so
+            return runtime or await op.trust.get(name), ("", "")
+        return await op.trust.resolve(None, None), ("", "")
+    except TrustDomainError as exc:
+        log.info("revoking under trust domain %s: %s", name or "(default)", exc.message)
+        reason = "TrustDomainGone" if exc.reason == "UnknownTrustDomain" else "RevocationSkipped"
+        return None, (reason, exc.message)
+
+
 async def revoke_on_delete(op: Operator, body: dict[str, Any]) -> None:
     """Every still-valid serial of the identity goes on the CRL of the trust domain that issued it, published
     everywhere; then the Secret goes."""
@@ -659,15 +738,15 @@ async def revoke_on_delete(op: Operator, body: dict[str, Any]) -> None:
             except Exception:
                 pass
         published: list[str] = []
+        gone: list[tuple[str, str]] = []  # (Event reason, why) per trust domain that can no longer sign a CRL
         for trust_domain, serials in by_issuer.items():
-            try:
-                runtime = await op.trust.get(trust_domain or None)
-            except TrustDomainError as exc:
-                log.warning("%s/%s deleted but trust domain %s is gone (%s): nothing to revoke against",
-                            namespace, name, trust_domain or "(default)", exc.message)
-                published.append(f"{len(serials)} under {trust_domain or '(default)'}: gone, no CRL to publish")
+            listed = ", ".join(s for s, _ in serials)
+            runtime, why = await _issuer_for_revocation(op, trust_domain or None)
+            if runtime is None:
+                # nothing can publish a CRL for a trust domain that no longer exists: holding the finalizer helps nobody
+                gone.append(why)
+                published.append(f"{listed} not put on any CRL ({why[1]})")
                 continue
-            runtime.identities.discard(key)
             try:
                 await op.trust.revoke(runtime, [RevokedCertificate(int(serial, 16), now, not_after,
                                                                    RevocationReason.CESSATION_OF_OPERATION)
@@ -677,15 +756,20 @@ async def revoke_on_delete(op: Operator, body: dict[str, Any]) -> None:
                     raise  # retried: the serials must reach the CRL before the finalizer goes
                 log.info("%s/%s deleted; trust domain %s was deleted too: no CRL to publish", namespace, name,
                          trust_domain)
-                published.append(f"{len(serials)} under {trust_domain}: deleted, no CRL to publish")
+                gone.append(("TrustDomainGone", f"trust domain {trust_domain} was deleted"))
+                published.append(f"{listed} not put on any CRL (trust domain {trust_domain} was deleted)")
                 continue
-            published.append(f"{', '.join(s for s, _ in serials)} on the CRL of {runtime.name} "
-                             f"(#{runtime.crl_number})")
+            published.append(f"{listed} on the CRL of {runtime.name} (#{runtime.crl_number})")
+        await op.trust.unbind(key)
         if owned and secret.uid:
             await op.kube.run(op.kube.delete_secret, namespace, secret_name, secret.uid)
-        await op.post_event(body, "Normal", "Revoked",
-                            f"revoked serial(s) {'; '.join(published) or 'none'}; "
-                            f"Secret {secret_name} {'deleted' if owned else 'left (not ours)'}")
+        secret_note = f"Secret {secret_name} {'deleted' if owned else 'left (not ours)'}"
+        if gone:
+            await op.post_event(body, "Warning", gone[0][0], f"revoked serial(s) {'; '.join(published)}: no CA is "
+                                                            f"left to sign a CRL for some; {secret_note}")
+        else:
+            await op.post_event(body, "Normal", "Revoked",
+                                f"revoked serial(s) {'; '.join(published) or 'none'}; {secret_note}")
         metrics.forget_identity(namespace, name, str(status.get("spiffeID", "")))
         op.rendered.pop(key, None)
         op.secret_digests.pop(key, None)

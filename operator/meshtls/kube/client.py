@@ -248,13 +248,17 @@ class Kube:
         if cm is None:
             return None
         return {"data": dict(cm.data or {}), "labels": dict(cm.metadata.labels or {}),
+                "annotations": dict(cm.metadata.annotations or {}), "uid": cm.metadata.uid,
                 "resourceVersion": cm.metadata.resource_version}
 
     @api_call
     def write_configmap(self, namespace: str, name: str, data: Mapping[str, str], labels: Mapping[str, str],
-                        current: dict[str, Any] | None, owner: Mapping[str, Any] | None = None) -> None:
+                        current: dict[str, Any] | None, owner: Mapping[str, Any] | None = None,
+                        annotations: Mapping[str, str] | None = None) -> None:
         body: dict[str, Any] = {"apiVersion": "v1", "kind": "ConfigMap",
                 "metadata": {"name": name, "namespace": namespace, "labels": dict(labels)}, "data": dict(data)}
+        if annotations:
+            body["metadata"]["annotations"] = dict(annotations)
         if owner is not None:
             body["metadata"]["ownerReferences"] = [{**owner, "controller": True, "blockOwnerDeletion": False}]
         if current is None:
@@ -262,6 +266,16 @@ class Kube:
         else:
             body["metadata"]["resourceVersion"] = current["resourceVersion"]
             self.core.replace_namespaced_config_map(name, namespace, body)
+
+    @api_call
+    def delete_configmap(self, namespace: str, name: str, uid: str | None) -> None:
+        """Delete only that very object (uid precondition): never a same-named ConfigMap created since."""
+        options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid)) if uid else None
+        try:
+            self.core.delete_namespaced_config_map(name, namespace, body=options)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
 
     # --- Namespaces --------------------------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """The PKI core: CAs, X509-SVID issuance, CRLs, SPIFFE IDs and verification. Pure: cryptography only."""
 
-from meshtls.pki.ca import CertificateAuthority, generate_ca, load_ca, random_serial
+from meshtls.pki.ca import CertificateAuthority, check_ca_can_sign_svids, generate_ca, load_ca, random_serial
 from meshtls.pki.crl import (
     RevocationReason,
     RevokedCertificate,
@@ -30,6 +30,7 @@ __all__ = [
     "build_crl",
     "certificate_pem",
     "certificates_pem",
+    "check_ca_can_sign_svids",
     "crl_number",
     "crl_pem",
     "drop_expired",

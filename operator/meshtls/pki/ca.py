@@ -248,3 +248,56 @@ def _check_ca_certificate(cert: x509.Certificate, field: str, now: dt.datetime) 
     weak = key_strength_problem(cert.public_key())  # type: ignore[arg-type]
     if weak:
         raise PKIError(field, weak)
+
+
+def _uri_host_matches(host: str, constraint: str) -> bool:
+    """RFC 5280 4.2.1.10 for URIs: ".example.org" is any host below example.org, "example.org" that host only."""
+    host, constraint = host.lower(), constraint.lower()
+    if constraint.startswith("."):
+        return host.endswith(constraint)
+    return host == constraint
+
+
+def _uri_constraints(cert: x509.Certificate) -> tuple[list[str] | None, list[str]]:
+    """(permitted URI hosts or None when URIs are not restricted, excluded URI hosts)."""
+    try:
+        nc = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+    except x509.ExtensionNotFound:
+        return None, []
+    permitted = [str(g.value) for g in nc.permitted_subtrees or () if isinstance(g, x509.UniformResourceIdentifier)]
+    excluded = [str(g.value) for g in nc.excluded_subtrees or () if isinstance(g, x509.UniformResourceIdentifier)]
+    return (permitted or None), excluded
+
+
+def check_ca_can_sign_svids(ca: CertificateAuthority, trust_domain: str, max_leaf_ttl: dt.timedelta) -> None:
+    """Refuse a CA whose own constraints would make every SVID it signs fail verification at the peer.
+
+    Verifiers check the whole path: a name constraint excluding (or not permitting) the trust domain's URIs, a
+    path length an intermediate chain exceeds, or a CA that may not sign CRLs (its CRLs would be refused and
+    sidecars fail closed) all break every workload at once; a CA that lives shorter than the longest leaf
+    cannot back the leaves the trust domain promises.
+    """
+    path = [("ca.crt", ca.certificate), *((f"chain[{i}]", c) for i, c in enumerate(ca.chain))]
+    for depth, (where, cert) in enumerate(path):
+        permitted, excluded = _uri_constraints(cert)
+        if any(_uri_host_matches(trust_domain, c) for c in excluded):
+            raise PKIError(where, f"{_cn(cert)} has a name constraint excluding URIs of {trust_domain}: "
+                                  f"every SVID ({SCHEME}{trust_domain}/...) would be refused")
+        if permitted is not None and not any(_uri_host_matches(trust_domain, c) for c in permitted):
+            raise PKIError(where, f"{_cn(cert)} permits only URIs of {', '.join(permitted)}: SVIDs of "
+                                  f"{trust_domain} would be refused")
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if depth > 0 and bc.path_length is not None and bc.path_length < depth:
+            raise PKIError(where, f"{_cn(cert)} has pathLen {bc.path_length}, but {depth} CA(s) below it sign the "
+                                  "SVIDs: every chain would be refused")
+    try:
+        ku = ca.certificate.extensions.get_extension_for_class(x509.KeyUsage).value
+        if not ku.crl_sign:
+            raise PKIError("ca.crt", f"{_cn(ca.certificate)} may not sign CRLs (KeyUsage lacks cRLSign): sidecars "
+                                     "would refuse its CRL and with it every peer")
+    except x509.ExtensionNotFound:
+        pass
+    validity = ca.not_after - ca.not_before
+    if validity < max_leaf_ttl:
+        raise PKIError("ca.crt", f"{_cn(ca.certificate)} is valid for {validity}, shorter than the trust domain's "
+                                 f"maxTTL {max_leaf_ttl}: it cannot back the certificates the trust domain allows")
