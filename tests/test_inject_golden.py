@@ -23,8 +23,8 @@ import pytest
 import yaml
 
 from meshtls.api.constants import ANNOTATION_INJECTED, ANNOTATION_SPIFFE_ID
+from meshtls.dataplane.layout import BUNDLE_DIR, CONFIG_DIR, CONFIG_FILE, IDENTITY_DIR
 from meshtls.sidecar.admission import AdmissionOutcome, review_pod_admission
-from meshtls.sidecar.config import BUNDLE_DIR, CONFIG_DIR, CONFIG_FILE, IDENTITY_DIR
 from meshtls.sidecar.inject import PodShapeError, build_injection_patch, escape_pointer_token
 from meshtls.sidecar.target import SIDECAR_NAME, InjectionOptions, InjectionTarget
 

@@ -19,6 +19,7 @@ from meshtls.api.constants import (
     VERSION,
     WORKLOAD_IDENTITIES,
 )
+from meshtls.dataplane.layout import CONFIG_FILE
 from meshtls.handlers import metrics
 from meshtls.handlers.reconcile import Operator, follow_peering, on_identity_event, reconcile_trust_domain
 from meshtls.handlers.settings import OPTIONS
@@ -27,7 +28,6 @@ from meshtls.kube import connect
 from meshtls.kube.queries import default_holder, run_heartbeat
 from meshtls.lifecycle.clock import SystemClock
 from meshtls.lifecycle.issuance import secret_digest
-from meshtls.sidecar.config import CONFIG_FILE
 from meshtls.sidecar.target import InjectionOptions
 
 log = logging.getLogger("meshtls.operator")

@@ -31,6 +31,7 @@ from meshtls.api.constants import (
 from meshtls.api.durations import format_duration
 from meshtls.api.model import EffectiveIdentity, SpecError, parse_workload_identity, resolve_identity
 from meshtls.api.objects import ABSENT
+from meshtls.dataplane.layout import CONFIG_FILE
 from meshtls.handlers import metrics
 from meshtls.handlers.scheduler import Key, RenewalScheduler
 from meshtls.handlers.targets import PodSelectionIndex, TargetIndex
@@ -60,7 +61,6 @@ from meshtls.lifecycle.namespaces import namespace_terminating
 from meshtls.lifecycle.peering import outranked_by_live_peer
 from meshtls.lifecycle.triggers import CONFLICT, ISSUE, IdentityState, decide, event_reason, secret_renewal_time
 from meshtls.pki import CertificateAuthority, RevocationReason, RevokedCertificate, load_certificates
-from meshtls.sidecar.config import CONFIG_FILE
 from meshtls.sidecar.render import check_publishable, injection_target, render_sidecar_config
 from meshtls.sidecar.target import sidecar_configmap_name
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from meshtls.api.model import EffectiveIdentity, SpecError
-from meshtls.sidecar.config import CONFIG_FILE, InboundRoute, OutboundRoute, SidecarConfig
+from meshtls.dataplane.config import InboundRoute, OutboundRoute, SidecarConfig
+from meshtls.dataplane.layout import CONFIG_FILE
 from meshtls.sidecar.target import InjectionTarget, sidecar_configmap_name
 
 
