@@ -18,14 +18,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshtls.api.constants import ANNOTATION_INJECTED, LABEL_INJECT_POD
-from meshtls.sidecar.admission import (
+from meshtls.injection.admission import (
     REASON_IDENTITY_AMBIGUOUS,
     REASON_IDENTITY_NOT_FOUND,
     AdmissionOutcome,
     Lookup,
     review_pod_admission,
 )
-from meshtls.sidecar.target import SIDECAR_NAME, VOLUME_BUNDLE, VOLUME_IDENTITY, InjectionOptions, InjectionTarget
+from meshtls.injection.target import SIDECAR_NAME, VOLUME_BUNDLE, VOLUME_IDENTITY, InjectionOptions, InjectionTarget
 from test_inject_golden import admission_review, apply_json_patch, patch_of
 
 # MESHTLS_FUZZ_EXAMPLES=5000 for a deeper run; the default keeps the file well under 30 s

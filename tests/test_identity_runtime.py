@@ -22,7 +22,8 @@ from meshtls.api.model import (
     resolve_identity,
 )
 from meshtls.api.objects import ABSENT, SecretSnapshot
-from meshtls.handlers.targets import PodSelectionIndex, selectors_overlap
+from meshtls.injection.render import CONFIGMAP_DATA_LIMIT, check_publishable, render_sidecar_config
+from meshtls.injection.targets import PodSelectionIndex, selectors_overlap
 from meshtls.lifecycle.clock import FakeClock
 from meshtls.lifecycle.issuance import (
     Issuance,
@@ -39,7 +40,6 @@ from meshtls.lifecycle.namespaces import namespace_terminating
 from meshtls.lifecycle.renewal import reissue_floor, renewal_time
 from meshtls.lifecycle.triggers import ISSUE, WAIT, IdentityState, decide
 from meshtls.pki import CertificateAuthority, generate_ca, load_certificates
-from meshtls.sidecar.render import CONFIGMAP_DATA_LIMIT, check_publishable, render_sidecar_config
 
 T0 = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 UID = "uid-1"

@@ -24,9 +24,9 @@ import yaml
 
 from meshtls.api.constants import ANNOTATION_INJECTED, ANNOTATION_SPIFFE_ID
 from meshtls.dataplane.layout import BUNDLE_DIR, CONFIG_DIR, CONFIG_FILE, IDENTITY_DIR
-from meshtls.sidecar.admission import AdmissionOutcome, review_pod_admission
-from meshtls.sidecar.inject import PodShapeError, build_injection_patch, escape_pointer_token
-from meshtls.sidecar.target import SIDECAR_NAME, InjectionOptions, InjectionTarget
+from meshtls.injection.admission import AdmissionOutcome, review_pod_admission
+from meshtls.injection.inject import PodShapeError, build_injection_patch, escape_pointer_token
+from meshtls.injection.target import SIDECAR_NAME, InjectionOptions, InjectionTarget
 
 GOLDEN = Path(__file__).parent / "golden" / "inject"
 UPDATE = os.environ.get("MESHTLS_UPDATE_GOLDEN") == "1"

@@ -8,8 +8,8 @@ import pytest
 
 from meshtls.api.model import parse_trust_domain, parse_workload_identity, resolve_identity
 from meshtls.dataplane.config import load_sidecar_config, parse_sidecar_config
+from meshtls.injection.render import injection_target, render_sidecar_config
 from meshtls.pki import PKIError
-from meshtls.sidecar.render import injection_target, render_sidecar_config
 
 
 def test_rendered_config_round_trips_through_the_proxy_parser() -> None:

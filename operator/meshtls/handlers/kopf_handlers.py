@@ -24,11 +24,11 @@ from meshtls.handlers import metrics
 from meshtls.handlers.reconcile import Operator, follow_peering, on_identity_event, reconcile_trust_domain
 from meshtls.handlers.settings import OPTIONS
 from meshtls.handlers.trust import TrustDomains
+from meshtls.injection.target import InjectionOptions
 from meshtls.kube import connect
 from meshtls.kube.queries import default_holder, run_heartbeat
 from meshtls.lifecycle.clock import SystemClock
 from meshtls.lifecycle.issuance import secret_digest
-from meshtls.sidecar.target import InjectionOptions
 
 log = logging.getLogger("meshtls.operator")
 
@@ -65,7 +65,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     # a Lease renewed every 10 s: `meshtls check` tells a live operator from a dead one without reaching its pod
     memo.heartbeat_task = asyncio.create_task(run_heartbeat(kube, OPTIONS.operator_namespace, default_holder()))
     if OPTIONS.webhook_port:
-        from meshtls.handlers.webhook import InjectionWebhook  # aiohttp's server only when the webhook is on
+        from meshtls.injection.webhook import InjectionWebhook  # aiohttp's server only when the webhook is on
 
         webhook = InjectionWebhook(kube, op.targets, OPTIONS, InjectionOptions(image=OPTIONS.sidecar_image),
                                    paused=lambda: op.paused)

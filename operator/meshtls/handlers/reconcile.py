@@ -34,8 +34,10 @@ from meshtls.api.objects import ABSENT
 from meshtls.dataplane.layout import CONFIG_FILE
 from meshtls.handlers import metrics
 from meshtls.handlers.scheduler import Key, RenewalScheduler
-from meshtls.handlers.targets import PodSelectionIndex, TargetIndex
 from meshtls.handlers.trust import TrustDomainError, TrustDomainRuntime, TrustDomains
+from meshtls.injection.render import check_publishable, injection_target, render_sidecar_config
+from meshtls.injection.target import sidecar_configmap_name
+from meshtls.injection.targets import PodSelectionIndex, TargetIndex
 from meshtls.kube import Conflict, Kube
 from meshtls.kube.client import ApiError
 from meshtls.lifecycle.ca_rotation import reissue_delay
@@ -61,8 +63,6 @@ from meshtls.lifecycle.namespaces import namespace_terminating
 from meshtls.lifecycle.peering import outranked_by_live_peer
 from meshtls.lifecycle.triggers import CONFLICT, ISSUE, IdentityState, decide, event_reason, secret_renewal_time
 from meshtls.pki import CertificateAuthority, RevocationReason, RevokedCertificate, load_certificates
-from meshtls.sidecar.render import check_publishable, injection_target, render_sidecar_config
-from meshtls.sidecar.target import sidecar_configmap_name
 
 log = logging.getLogger("meshtls.identity")
 RETRY_INVALID = dt.timedelta(seconds=60)

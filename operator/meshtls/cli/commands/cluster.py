@@ -21,7 +21,7 @@ from meshtls.kube.client import ApiError, Kube, NotFound
 from meshtls.kube.queries import Connection, KubeconfigError, connect_cli, connection_problem
 from meshtls.pki import PKIError, RevocationReason
 
-# The injector's names (meshtls.handlers.webhook.CONFIGURATION_NAME and TLS_SECRET); kept here so that `check`
+# The injector's names (meshtls.injection.webhook.CONFIGURATION_NAME and TLS_SECRET); kept here so that `check`
 # does not import the webhook server.
 WEBHOOK_CONFIGURATION = "meshtls-injector"
 WEBHOOK_TLS_SECRET = "meshtls-webhook-tls"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from meshtls.sidecar.target import InjectionTarget
+from meshtls.injection.target import InjectionTarget
 
 
 class TargetIndex:

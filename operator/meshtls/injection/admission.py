@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshtls.api.constants import LABEL_INJECT_POD
-from meshtls.sidecar.inject import (
+from meshtls.injection.inject import (
     ALREADY_INJECTED,
     PodShapeError,
     build_injection_patch,
@@ -28,7 +28,7 @@ from meshtls.sidecar.inject import (
     pod_metadata,
     pod_service_account,
 )
-from meshtls.sidecar.target import InjectionOptions, InjectionTarget
+from meshtls.injection.target import InjectionOptions, InjectionTarget
 
 API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from meshtls.api.model import EffectiveIdentity, SpecError
 from meshtls.dataplane.config import InboundRoute, OutboundRoute, SidecarConfig
 from meshtls.dataplane.layout import CONFIG_FILE
-from meshtls.sidecar.target import InjectionTarget, sidecar_configmap_name
+from meshtls.injection.target import InjectionTarget, sidecar_configmap_name
 
 
 def render_sidecar_config(identity: EffectiveIdentity) -> SidecarConfig:

@@ -16,26 +16,21 @@ import ssl
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
-from meshtls.api.constants import (
-    DEFAULT_BUNDLE_CONFIGMAP,
-    LABEL_INJECT_NAMESPACE,
-    LABEL_INJECT_POD,
-    LABEL_MANAGED_BY,
-    MANAGED_BY,
-)
+from meshtls.api.constants import LABEL_INJECT_NAMESPACE, LABEL_INJECT_POD, LABEL_MANAGED_BY, MANAGED_BY
+from meshtls.api.model import TrustDomainSpec, parse_trust_domain, parse_workload_identity, resolve_identity
 from meshtls.api.objects import SecretSnapshot
-from meshtls.handlers.settings import OperatorOptions
-from meshtls.handlers.targets import TargetIndex
+from meshtls.injection.admission import review_pod_admission
+from meshtls.injection.render import injection_target
+from meshtls.injection.target import InjectionOptions, InjectionTarget
+from meshtls.injection.targets import TargetIndex
 from meshtls.kube import Kube
 from meshtls.lifecycle.clock import Clock
 from meshtls.pki import PKIError, generate_ca, load_ca, load_certificates
 from meshtls.pki.serving import issue_serving_certificate
-from meshtls.sidecar.admission import review_pod_admission
-from meshtls.sidecar.target import InjectionOptions, InjectionTarget, sidecar_configmap_name
 
 log = logging.getLogger("meshtls.webhook")
 CONFIGURATION_NAME = "meshtls-injector"
@@ -47,7 +42,17 @@ CERTIFICATE_CHECK = dt.timedelta(hours=12)
 SYSTEM_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
 
 
-def webhook_definitions(options: OperatorOptions, ca_bundle: bytes) -> list[dict[str, Any]]:
+class WebhookSettings(Protocol):
+    """What the webhook reads of the operator's settings (meshtls.handlers.settings.OperatorOptions has them)."""
+
+    operator_namespace: str
+    webhook_port: int
+    webhook_host: str
+    webhook_service: str | None
+    webhook_failure_policy: str
+
+
+def webhook_definitions(options: WebhookSettings, ca_bundle: bytes) -> list[dict[str, Any]]:
     """Two webhooks, one per opt-in path (namespace label, pod label): selectors are ANDed within one."""
     if options.webhook_service:
         client_config: dict[str, Any] = {"service": {"name": options.webhook_service,
@@ -82,7 +87,7 @@ def webhook_definitions(options: OperatorOptions, ca_bundle: bytes) -> list[dict
     ]
 
 
-async def ensure_serving_certificate(kube: Kube, clock: Clock, options: OperatorOptions) -> tuple[bytes, bytes, bytes]:
+async def ensure_serving_certificate(kube: Kube, clock: Clock, options: WebhookSettings) -> tuple[bytes, bytes, bytes]:
     """(cert chain, key, CA) for the webhook, kept in a Secret so the caBundle survives restarts."""
     now = clock.now()
     if options.webhook_service:
@@ -159,7 +164,7 @@ async def _healthz(_: web.Request) -> web.Response:
 
 
 class InjectionWebhook:
-    def __init__(self, kube: Kube, index: TargetIndex, options: OperatorOptions,
+    def __init__(self, kube: Kube, index: TargetIndex, options: WebhookSettings,
                  injection: InjectionOptions, paused: Callable[[], bool] = lambda: False) -> None:
         self.kube = kube
         self.index = index
@@ -240,23 +245,26 @@ class InjectionWebhook:
         return web.json_response(outcome.response, status=outcome.http_status)
 
     async def _targets_from_api(self, namespace: str, service_account: str) -> list[InjectionTarget]:
-        """Targets for (namespace, ServiceAccount) from the identities' status, as the acting replica wrote it."""
+        """Targets for (namespace, ServiceAccount) from the identities Ready under the trust domain their status
+        names, parsed and resolved as the acting replica did."""
         out = []
         for body in await self.kube.run(self.kube.list_workload_identities, namespace):
-            spec, status = body.get("spec") or {}, body.get("status") or {}
+            status = body.get("status") or {}
             ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions", []))
-            if spec.get("serviceAccountName") != service_account or not ready or not (
-                    spec.get("inbound") or spec.get("outbound")):
+            try:
+                spec = parse_workload_identity(body)
+                if spec.service_account != service_account or not ready or not (spec.inbound or spec.outbound):
+                    continue
+                td_name = str(status.get("trustDomain") or "")
+                td_body = await self.kube.run(self.kube.get_trust_domain, td_name)
+                # deleted since it was Ready: its pods keep the identity's Secret and the default bundle
+                td = parse_trust_domain(td_body) if td_body else TrustDomainSpec(name=td_name)
+                identity = resolve_identity(spec, td)
+            except PKIError as exc:  # not Ready for long: the acting replica reports it on the identity
+                log.debug("identity %s/%s is not injectable: %s", namespace, (body.get("metadata") or {}).get("name"),
+                          exc)
                 continue
-            td = await self.kube.run(self.kube.get_trust_domain, status.get("trustDomain", ""))
-            name = body["metadata"]["name"]
-            out.append(InjectionTarget(
-                identity_name=name, service_account=service_account, spiffe_id=status["spiffeID"],
-                secret_name=spec.get("secretName") or f"{name}-mtls", config_map=sidecar_configmap_name(name),
-                bundle_config_map=((td or {}).get("spec", {}).get("bundle") or {}).get("configMapName")
-                or DEFAULT_BUNDLE_CONFIGMAP,
-                pod_selector=dict((spec.get("podSelector") or {}).get("matchLabels") or {}),
-                inbound_ports=tuple(int(r["port"]) for r in spec.get("inbound") or ())))
+            out.append(injection_target(identity, td.bundle_configmap))
         return out
 
     async def _post_event(self, body: bytes, reason: str, message: str) -> None:
