@@ -8,8 +8,8 @@ import datetime as dt
 from meshtls.handlers.scheduler import Key, RenewalScheduler
 from meshtls.injection.target import InjectionTarget
 from meshtls.injection.targets import TargetIndex
-from meshtls.lifecycle.ca_rotation import PREPARING, ROTATING, STABLE, RotationState, next_rotation_step
-from meshtls.lifecycle.clock import FakeClock
+from meshtls.policy.ca_rotation import PREPARING, ROTATING, STABLE, RotationState, next_rotation_step
+from meshtls.policy.clock import FakeClock
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 HOUR = dt.timedelta(hours=1)

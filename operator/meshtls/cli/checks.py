@@ -19,11 +19,11 @@ from meshtls.api.objects import SecretSnapshot
 from meshtls.cli.views.check import CheckResult
 from meshtls.cli.views.identities import condition
 from meshtls.cli.views.times import human_duration, parse_time
-from meshtls.lifecycle.certificate import read_secret_certificate
-from meshtls.lifecycle.issuance import iso
 from meshtls.pki import PKIError, crl_number, fingerprint_sha256, format_serial, load_certificates, load_crls
 from meshtls.pki.ca import signed_by
 from meshtls.pki.verify import verify_svid
+from meshtls.policy.certificate import read_secret_certificate
+from meshtls.policy.issuance import iso
 
 CRD_NAMES = (f"{TRUST_DOMAINS}.{GROUP}", f"{WORKLOAD_IDENTITIES}.{GROUP}")
 CLOCK_TOLERANCE = dt.timedelta(seconds=30)

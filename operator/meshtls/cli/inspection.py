@@ -11,7 +11,6 @@ from cryptography import x509
 
 from meshtls.cli.checks import bundle_material, bundle_refusal
 from meshtls.cli.views.times import human_duration
-from meshtls.lifecycle.issuance import iso
 from meshtls.pki import (
     PKIError,
     crl_number,
@@ -23,6 +22,7 @@ from meshtls.pki import (
     verify_svid,
 )
 from meshtls.pki.keys import public_keys_match
+from meshtls.policy.issuance import iso
 
 
 def _is_ca(cert: x509.Certificate) -> bool:

@@ -27,8 +27,8 @@ from meshtls.handlers.trust import TrustDomains
 from meshtls.injection.target import InjectionOptions
 from meshtls.kube import connect
 from meshtls.kube.queries import default_holder, run_heartbeat
-from meshtls.lifecycle.clock import SystemClock
-from meshtls.lifecycle.issuance import secret_digest
+from meshtls.policy.clock import SystemClock
+from meshtls.policy.issuance import secret_digest
 
 log = logging.getLogger("meshtls.operator")
 

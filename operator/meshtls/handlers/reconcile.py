@@ -40,10 +40,11 @@ from meshtls.injection.target import sidecar_configmap_name
 from meshtls.injection.targets import PodSelectionIndex, TargetIndex
 from meshtls.kube import Conflict, Kube
 from meshtls.kube.client import ApiError
-from meshtls.lifecycle.ca_rotation import reissue_delay
-from meshtls.lifecycle.certificate import dns_names_of
-from meshtls.lifecycle.clock import Clock
-from meshtls.lifecycle.issuance import (
+from meshtls.pki import CertificateAuthority, RevocationReason, RevokedCertificate, load_certificates
+from meshtls.policy.ca_rotation import reissue_delay
+from meshtls.policy.certificate import dns_names_of
+from meshtls.policy.clock import Clock
+from meshtls.policy.issuance import (
     Superseded,
     condition,
     failed_status,
@@ -59,10 +60,9 @@ from meshtls.lifecycle.issuance import (
     superseded_by_spec,
     tracked_serials,
 )
-from meshtls.lifecycle.namespaces import namespace_terminating
-from meshtls.lifecycle.peering import outranked_by_live_peer
-from meshtls.lifecycle.triggers import CONFLICT, ISSUE, IdentityState, decide, event_reason, secret_renewal_time
-from meshtls.pki import CertificateAuthority, RevocationReason, RevokedCertificate, load_certificates
+from meshtls.policy.namespaces import namespace_terminating
+from meshtls.policy.peering import outranked_by_live_peer
+from meshtls.policy.triggers import CONFLICT, ISSUE, IdentityState, decide, event_reason, secret_renewal_time
 
 log = logging.getLogger("meshtls.identity")
 RETRY_INVALID = dt.timedelta(seconds=60)

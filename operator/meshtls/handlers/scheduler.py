@@ -11,7 +11,7 @@ import heapq
 import logging
 from collections.abc import Awaitable, Callable
 
-from meshtls.lifecycle.clock import Clock
+from meshtls.policy.clock import Clock
 
 Key = tuple[str, str]  # (namespace, name)
 log = logging.getLogger("meshtls.scheduler")

@@ -27,9 +27,6 @@ from meshtls.api.model import SpecError, TrustDomainSpec, parse_trust_domain
 from meshtls.api.objects import SecretSnapshot
 from meshtls.handlers import metrics
 from meshtls.kube import Conflict, Kube
-from meshtls.lifecycle.ca_rotation import PREPARING, ROTATING, STABLE, RotationState, next_rotation_step
-from meshtls.lifecycle.clock import Clock
-from meshtls.lifecycle.issuance import condition, iso, merge_conditions
 from meshtls.pki import (
     CertificateAuthority,
     PKIError,
@@ -42,6 +39,9 @@ from meshtls.pki import (
     load_ca,
     load_crls,
 )
+from meshtls.policy.ca_rotation import PREPARING, ROTATING, STABLE, RotationState, next_rotation_step
+from meshtls.policy.clock import Clock
+from meshtls.policy.issuance import condition, iso, merge_conditions
 
 log = logging.getLogger("meshtls.trust")
 BATCH_WINDOW = 0.25  # seconds a revocation waits for others to share its CRL signing

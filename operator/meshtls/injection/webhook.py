@@ -28,9 +28,9 @@ from meshtls.injection.render import injection_target
 from meshtls.injection.target import InjectionOptions, InjectionTarget
 from meshtls.injection.targets import TargetIndex
 from meshtls.kube import Kube
-from meshtls.lifecycle.clock import Clock
 from meshtls.pki import PKIError, generate_ca, load_ca, load_certificates
 from meshtls.pki.serving import issue_serving_certificate
+from meshtls.policy.clock import Clock
 
 log = logging.getLogger("meshtls.webhook")
 CONFIGURATION_NAME = "meshtls-injector"

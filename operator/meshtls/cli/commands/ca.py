@@ -18,7 +18,7 @@ from meshtls.cli.output import Output
 from meshtls.cli.views import trust_domains
 from meshtls.kube.client import ApiError, Kube, NotFound
 from meshtls.kube.queries import Connection, annotate_trust_domain
-from meshtls.lifecycle.issuance import iso
+from meshtls.policy.issuance import iso
 
 POLL = 0.5  # seconds between reads while following a rotation (it takes the propagation delay: minutes)
 

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from meshtls.cli.output import new_table
 from meshtls.cli.views.times import ago, parse_time
-from meshtls.lifecycle.issuance import iso
+from meshtls.policy.issuance import iso
 
 
 def event_time(event: Mapping[str, Any]) -> dt.datetime:

@@ -9,11 +9,11 @@ import pytest
 from meshtls.api.constants import ANNOTATION_RENEW, ANNOTATION_REVOKE, LABEL_MANAGED_BY, MANAGED_BY
 from meshtls.api.model import TrustDomainSpec, parse_trust_domain, parse_workload_identity, resolve_identity
 from meshtls.api.objects import ABSENT, SecretSnapshot
-from meshtls.lifecycle.clock import FakeClock
-from meshtls.lifecycle.issuance import issue_for, secret_body, tracked_serials
-from meshtls.lifecycle.renewal import JITTER_FRACTION, renewal_time
-from meshtls.lifecycle.triggers import CONFLICT, ISSUE, WAIT, IdentityState, decide, event_reason
 from meshtls.pki import CertificateAuthority, generate_ca
+from meshtls.policy.clock import FakeClock
+from meshtls.policy.issuance import issue_for, secret_body, tracked_serials
+from meshtls.policy.renewal import JITTER_FRACTION, renewal_time
+from meshtls.policy.triggers import CONFLICT, ISSUE, WAIT, IdentityState, decide, event_reason
 
 T0 = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 UID = "uid-1"

@@ -17,10 +17,10 @@ from meshtls.api.constants import ANNOTATION_RENEW, ANNOTATION_REVOKE
 from meshtls.api.durations import format_duration
 from meshtls.api.model import EffectiveIdentity
 from meshtls.api.objects import SecretSnapshot
-from meshtls.lifecycle.certificate import SecretCertificate, authority_key_id, dns_names_of, read_secret_certificate
-from meshtls.lifecycle.renewal import JITTER_FRACTION, reissue_floor, scheduled_renewal
 from meshtls.pki import PKIError, load_certificates, svid_spiffe_id
 from meshtls.pki.ca import signed_by
+from meshtls.policy.certificate import SecretCertificate, authority_key_id, dns_names_of, read_secret_certificate
+from meshtls.policy.renewal import JITTER_FRACTION, reissue_floor, scheduled_renewal
 
 ANNOTATION_RENEWAL_TIME = "meshtls.dev/renewal-time"  # for people and tools; decisions recompute it from the spec
 ANNOTATION_ISSUED_AT = "meshtls.dev/issued-at"
