@@ -18,9 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshtls.api.constants import ANNOTATION_INJECTED, LABEL_INJECT_POD
+from meshtls.api.reasons import Reason
 from meshtls.injection.admission import (
-    REASON_IDENTITY_AMBIGUOUS,
-    REASON_IDENTITY_NOT_FOUND,
     AdmissionOutcome,
     Lookup,
     review_pod_admission,
@@ -71,7 +70,7 @@ def check(outcome: AdmissionOutcome, body: bytes) -> None:
     assert all(isinstance(w, str) and len(w) <= 256 and w.isprintable() for w in response["warnings"])
     if outcome.event is not None:
         reason, message = outcome.event
-        assert reason in (REASON_IDENTITY_NOT_FOUND, REASON_IDENTITY_AMBIGUOUS) and message
+        assert reason in (Reason.IDENTITY_NOT_FOUND, Reason.IDENTITY_AMBIGUOUS) and message
     if "patch" not in response:
         return
     assert response["patchType"] == "JSONPatch"
@@ -243,7 +242,7 @@ def test_never_another_service_accounts_identity() -> None:
 
     outcome = review_pod_admission(admission_review(POD), wrong, InjectionOptions())
     assert patch_of(outcome) == [] and outcome.response["response"]["allowed"]
-    assert outcome.event == (REASON_IDENTITY_NOT_FOUND, "meshtls: no WorkloadIdentity in shop for ServiceAccount "
+    assert outcome.event == (Reason.IDENTITY_NOT_FOUND, "meshtls: no WorkloadIdentity in shop for ServiceAccount "
                                                         "backend; pod admitted without a sidecar")
 
 
@@ -256,7 +255,7 @@ def test_duplicates_from_the_lookup_are_not_ambiguous() -> None:
 def test_ambiguity_names_the_identities() -> None:
     many = [target(f"id-{i}", "backend") for i in range(8)]
     outcome = review_pod_admission(admission_review(POD), lambda *_: many, InjectionOptions())
-    assert outcome.event is not None and outcome.event[0] == REASON_IDENTITY_AMBIGUOUS
+    assert outcome.event is not None and outcome.event[0] == Reason.IDENTITY_AMBIGUOUS
     assert "id-0, id-1, id-2, id-3, id-4 and 3 more" in outcome.event[1]
     assert patch_of(outcome) == []
 

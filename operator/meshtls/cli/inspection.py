@@ -9,6 +9,7 @@ from typing import Any
 
 from cryptography import x509
 
+from meshtls.api.names import iso
 from meshtls.cli.checks import bundle_material, bundle_refusal
 from meshtls.cli.views.times import human_duration
 from meshtls.pki import (
@@ -22,7 +23,6 @@ from meshtls.pki import (
     verify_svid,
 )
 from meshtls.pki.keys import public_keys_match
-from meshtls.policy.issuance import iso
 
 
 def _is_ca(cert: x509.Certificate) -> bool:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshtls.api.constants import LABEL_INJECT_POD
+from meshtls.api.reasons import Reason
 from meshtls.injection.inject import (
     ALREADY_INJECTED,
     PodShapeError,
@@ -33,8 +34,6 @@ from meshtls.injection.target import InjectionOptions, InjectionTarget
 API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
 MAX_BODY = 3 * 1024 * 1024
-REASON_IDENTITY_NOT_FOUND = "IdentityNotFound"
-REASON_IDENTITY_AMBIGUOUS = "IdentityAmbiguous"
 # The API server may truncate a warning over 256 characters and drops them past 4096 in all.
 MAX_WARNING = 256
 MAX_EVENT_MESSAGE = 1024
@@ -163,12 +162,12 @@ def _decide(uid: str, request: Mapping[str, Any], lookup: Lookup, options: Injec
                    "pod admitted without a sidecar")
         if candidates:
             message += f" (the podSelector of {_names(candidates)} does not match the pod's labels)"
-        return _allow(uid, [message], event=None if quiet else (REASON_IDENTITY_NOT_FOUND, message))
+        return _allow(uid, [message], event=None if quiet else (Reason.IDENTITY_NOT_FOUND, message))
     if len(matching) > 1:
         message = (f"meshtls: {len(matching)} WorkloadIdentities in {namespace} for ServiceAccount "
                    f"{service_account} select this pod ({_names(matching)}); pod admitted without a sidecar: "
                    "make their podSelectors disjoint")
-        return _allow(uid, [message], event=None if quiet else (REASON_IDENTITY_AMBIGUOUS, message))
+        return _allow(uid, [message], event=None if quiet else (Reason.IDENTITY_AMBIGUOUS, message))
 
     result = build_injection_patch(pod, matching[0], options)
     return _allow(uid, result.warnings, result.patch)

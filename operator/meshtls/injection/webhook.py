@@ -22,6 +22,7 @@ from aiohttp import web
 
 from meshtls.api.constants import LABEL_INJECT_NAMESPACE, LABEL_INJECT_POD, LABEL_MANAGED_BY, MANAGED_BY
 from meshtls.api.model import TrustDomainSpec, parse_trust_domain, parse_workload_identity, resolve_identity
+from meshtls.api.names import WEBHOOK_CONFIGURATION, WEBHOOK_TLS_SECRET
 from meshtls.api.objects import SecretSnapshot
 from meshtls.injection.admission import review_pod_admission
 from meshtls.injection.render import injection_target
@@ -33,8 +34,6 @@ from meshtls.pki.serving import issue_serving_certificate
 from meshtls.policy.clock import Clock
 
 log = logging.getLogger("meshtls.webhook")
-CONFIGURATION_NAME = "meshtls-injector"
-TLS_SECRET = "meshtls-webhook-tls"
 PATH = "/inject"
 SERVING_TTL = dt.timedelta(days=90)
 RENEW_WITHIN = dt.timedelta(days=30)
@@ -97,7 +96,7 @@ async def ensure_serving_certificate(kube: Kube, clock: Clock, options: WebhookS
         dns, ips = ["localhost"], [options.webhook_host] if _is_ip(options.webhook_host) else []
         if not ips:
             dns = [options.webhook_host, *dns]
-    current = await kube.run(kube.read_secret, options.operator_namespace, TLS_SECRET)
+    current = await kube.run(kube.read_secret, options.operator_namespace, WEBHOOK_TLS_SECRET)
     if current.exists and _still_good(current, now, dns, ips):
         return current.data["tls.crt"], current.data["tls.key"], current.data["ca.crt"]
     try:
@@ -109,7 +108,7 @@ async def ensure_serving_certificate(kube: Kube, clock: Clock, options: WebhookS
     serving = issue_serving_certificate(ca, dns, ips, now, SERVING_TTL)
     data = {"tls.crt": serving.cert_chain_pem, "tls.key": serving.key_pem, "ca.crt": ca.certificate_pem(),
             "ca.key": ca.key_pem()}
-    await kube.run(kube.write_opaque_secret, options.operator_namespace, TLS_SECRET, data,
+    await kube.run(kube.write_opaque_secret, options.operator_namespace, WEBHOOK_TLS_SECRET, data,
                    {LABEL_MANAGED_BY: MANAGED_BY}, current)
     return serving.cert_chain_pem, serving.key_pem, ca.certificate_pem()
 
@@ -194,12 +193,12 @@ class InjectionWebhook:
 
     async def _apply_configuration(self, ca: bytes) -> None:
         try:
-            await self.kube.run(self.kube.apply_mutating_webhook_configuration, CONFIGURATION_NAME,
+            await self.kube.run(self.kube.apply_mutating_webhook_configuration, WEBHOOK_CONFIGURATION,
                                 webhook_definitions(self.options, ca), {LABEL_MANAGED_BY: MANAGED_BY})
         except Exception as exc:  # keep serving: the configuration may be fixed by its owner (helm upgrade)
             log.error("could not write MutatingWebhookConfiguration %s (%s): pods will not be injected until it "
                       "exists with this caBundle; with the Helm chart, run `helm upgrade` to recreate it",
-                      CONFIGURATION_NAME, exc)
+                      WEBHOOK_CONFIGURATION, exc)
 
     async def _keep_certificate_fresh(self, clock: Clock) -> None:
         """The serving certificate lives 90 days; look twice a day, renew within 30 days of expiry."""
