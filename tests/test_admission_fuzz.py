@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -41,11 +40,10 @@ def target(name: str, service_account: str, selector: dict[str, str] | None = No
                            bundle_config_map="meshtls-bundle", pod_selector=selector or {}, inbound_ports=(8443,))
 
 
-def lookup_all(namespace: str, service_account: str, labels: Mapping[str, str]) -> list[InjectionTarget]:
+def lookup_all(namespace: str, service_account: str) -> list[InjectionTarget]:
     """The identity of the asked ServiceAccount, plus other ServiceAccounts' (which must be ignored)."""
     assert isinstance(namespace, str) and namespace
     assert isinstance(service_account, str) and service_account
-    assert all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
     return [target(f"id-{service_account}", service_account), *(target(f"id-{sa}", sa) for sa in SERVICE_ACCOUNTS)]
 
 
@@ -191,11 +189,11 @@ def test_odd_reviews(review_doc: dict[str, Any]) -> None:
 
 LOOKUPS: dict[str, Lookup] = {
     "one": lookup_all,
-    "none": lambda namespace, service_account, labels: [],
-    "other": lambda namespace, service_account, labels: [target("id-x", service_account + "-x")],
-    "two": lambda namespace, service_account, labels: [target("a", service_account), target("b", service_account)],
-    "selector": lambda namespace, service_account, labels: [target("a", service_account, {"app": "backend"}),
-                                                            target("b", service_account, {"tier": "api"})],
+    "none": lambda namespace, service_account: [],
+    "other": lambda namespace, service_account: [target("id-x", service_account + "-x")],
+    "two": lambda namespace, service_account: [target("a", service_account), target("b", service_account)],
+    "selector": lambda namespace, service_account: [target("a", service_account, {"app": "backend"}),
+                                                    target("b", service_account, {"tier": "api"})],
 }
 
 
@@ -237,7 +235,7 @@ def test_injects_only_the_service_accounts_identity() -> None:
 
 
 def test_never_another_service_accounts_identity() -> None:
-    def wrong(namespace: str, service_account: str, labels: Mapping[str, str]) -> list[InjectionTarget]:
+    def wrong(namespace: str, service_account: str) -> list[InjectionTarget]:
         return [target("id-frontend", "frontend"), target("admin", "cluster-admin")]
 
     outcome = review_pod_admission(admission_review(POD), wrong, InjectionOptions())
@@ -272,7 +270,7 @@ def test_generate_name_pod_and_namespace_from_the_pod() -> None:
     pod = {"metadata": {"generateName": "backend-", "namespace": "shop"}, "spec": POD["spec"]}
     seen: list[tuple[str, str]] = []
 
-    def lookup(namespace: str, service_account: str, labels: Mapping[str, str]) -> list[InjectionTarget]:
+    def lookup(namespace: str, service_account: str) -> list[InjectionTarget]:
         seen.append((namespace, service_account))
         return [target("id-backend", "backend")]
 
@@ -337,7 +335,7 @@ def test_missing_namespace_is_denied() -> None:
 
 
 def test_a_failing_lookup_is_a_denial_not_an_exception() -> None:
-    def broken(namespace: str, service_account: str, labels: Mapping[str, str]) -> list[InjectionTarget]:
+    def broken(namespace: str, service_account: str) -> list[InjectionTarget]:
         raise RuntimeError("index not ready")
 
     outcome = review_pod_admission(admission_review(POD), broken, InjectionOptions())

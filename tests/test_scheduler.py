@@ -112,14 +112,14 @@ def test_target_index_answers_by_namespace_and_service_account() -> None:
     index = TargetIndex()
     web = InjectionTarget("web", "web", "spiffe://td/ns/a/sa/web", "web-mtls", "web-meshtls-proxy", "meshtls-bundle")
     index.put("a", web)
-    assert index.lookup("a", "web", {}) == [web]
-    assert index.lookup("b", "web", {}) == []
-    assert index.lookup("a", "other", {}) == []
+    assert index.lookup("a", "web") == [web]
+    assert index.lookup("b", "web") == []
+    assert index.lookup("a", "other") == []
     moved = InjectionTarget("web", "api", "spiffe://td/ns/a/sa/api", "web-mtls", "web-meshtls-proxy", "meshtls-bundle")
     index.put("a", moved)  # the identity's serviceAccountName changed
-    assert index.lookup("a", "web", {}) == [] and index.lookup("a", "api", {}) == [moved]
+    assert index.lookup("a", "web") == [] and index.lookup("a", "api") == [moved]
     index.remove("a", "web")
-    assert index.lookup("a", "api", {}) == []
+    assert index.lookup("a", "api") == []
 
 
 def test_ca_rotation_phases_with_a_fake_clock() -> None:

@@ -39,7 +39,7 @@ MAX_WARNING = 256
 MAX_EVENT_MESSAGE = 1024
 MAX_NAMED = 5
 
-Lookup = Callable[[str, str, Mapping[str, str]], list[InjectionTarget]]
+Lookup = Callable[[str, str], list[InjectionTarget]]  # (namespace, serviceAccount) -> candidates
 
 
 @dataclass(frozen=True)
@@ -150,7 +150,7 @@ def _decide(uid: str, request: Mapping[str, Any], lookup: Lookup, options: Injec
     namespace = _namespace(request, pod)
     service_account = pod_service_account(pod)
     candidates: list[InjectionTarget] = []
-    for t in lookup(namespace, service_account, dict(labels)) or []:
+    for t in lookup(namespace, service_account) or []:
         # defence in depth: the lookup is filtered already, but a pod never gets another ServiceAccount's identity
         if isinstance(t, InjectionTarget) and t.service_account == service_account and t not in candidates:
             candidates.append(t)

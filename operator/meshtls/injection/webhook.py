@@ -14,7 +14,7 @@ import json
 import logging
 import ssl
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -24,7 +24,7 @@ from meshtls.api.constants import LABEL_INJECT_NAMESPACE, LABEL_INJECT_POD, LABE
 from meshtls.api.model import TrustDomainSpec, parse_trust_domain, parse_workload_identity, resolve_identity
 from meshtls.api.names import WEBHOOK_CONFIGURATION, WEBHOOK_TLS_SECRET
 from meshtls.api.objects import SecretSnapshot
-from meshtls.injection.admission import review_pod_admission
+from meshtls.injection.admission import Lookup, review_pod_admission
 from meshtls.injection.render import injection_target
 from meshtls.injection.target import InjectionOptions, InjectionTarget
 from meshtls.injection.targets import TargetIndex
@@ -221,9 +221,9 @@ class InjectionWebhook:
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        lookup: Callable[[str, str, Mapping[str, str]], list[InjectionTarget]] = self.index.lookup
+        lookup: Lookup = self.index.lookup
         wanted = _pod_service_account(body)
-        if wanted is not None and (self.paused() or not self.index.lookup(*wanted, {})):
+        if wanted is not None and (self.paused() or not self.index.lookup(*wanted)):
             # A miss in memory: this replica may be a paused peer (it watches nothing) or just started.
             # Ask the API rather than admit the pod without its sidecar.
             try:
@@ -232,8 +232,8 @@ class InjectionWebhook:
                 log.warning("identity lookup for %s/%s through the API failed: %s", *wanted, exc)
                 found = []
             if found:
-                def from_api(namespace: str, sa: str, labels: Mapping[str, str]) -> list[InjectionTarget]:
-                    return found if (namespace, sa) == wanted else self.index.lookup(namespace, sa, labels)
+                def from_api(namespace: str, sa: str) -> list[InjectionTarget]:
+                    return found if (namespace, sa) == wanted else self.index.lookup(namespace, sa)
 
                 lookup = from_api
         outcome = review_pod_admission(body, lookup, self.injection)
