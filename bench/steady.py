@@ -16,8 +16,8 @@ from typing import Any
 
 from bench.common import WID_PATH, CpuWatch, LoadMeter, rss_bytes, say
 from bench.context import TRUST_DOMAIN, Bench
-from meshtls.lifecycle.renewal import renewal_time
 from meshtls.pki.issue import DEFAULT_BACKDATE
+from meshtls.policy.renewal import renewal_time
 
 TTL = dt.timedelta(hours=1)
 RENEW_AT = 2 / 3  # the default renewAtPercent (66) as the operator resolves it

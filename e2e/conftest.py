@@ -130,9 +130,6 @@ def trust_domain(kube: Kube, operator: OperatorProcess) -> str:
 
 @pytest.fixture(scope="session")
 def openssl() -> str:
-    import shutil
+    from testsupport.tools import require_openssl
 
-    path = shutil.which("openssl")
-    if path is None:
-        pytest.fail("the openssl command line is needed: apt-get install openssl")
-    return path
+    return require_openssl()

@@ -294,7 +294,7 @@ def test_webhook_template_matches_what_the_operator_writes(cluster: Cluster, tmp
     """The operator replaces the configuration's webhooks at every start: the chart must render the same ones (less
     the caBundle), or Helm and the operator would rewrite each other's selectors."""
     from meshtls.handlers.settings import OperatorOptions
-    from meshtls.handlers.webhook import webhook_definitions
+    from meshtls.injection.webhook import webhook_definitions
 
     for policy in ("Ignore", "Fail"):
         values = write_values(tmp_path / "values.yaml", {"webhook": {"failurePolicy": policy}})

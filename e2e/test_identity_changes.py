@@ -22,9 +22,9 @@ from kubernetes.client.exceptions import ApiException
 from e2e.harness import Cluster
 from e2e.kube_helpers import Kube, is_ready, ready_condition, wait_for
 from e2e.operator_process import OperatorProcess
-from meshtls.lifecycle.renewal import renewal_time
 from meshtls.pki import load_certificates, load_private_key_pem, svid_spiffe_id
 from meshtls.pki.keys import public_keys_match
+from meshtls.policy.renewal import renewal_time
 
 REPO = Path(__file__).resolve().parents[1]
 IDENTITY_CRD = REPO / "crds" / "workloadidentities.meshtls.dev.yaml"

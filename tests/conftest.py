@@ -8,13 +8,13 @@ certificates OpenSSL or a running sidecar judges against the real time (handshak
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from testsupport.clock import NOW
 from testsupport.proxymesh import Mesh, build_mesh
+from testsupport.tools import require_openssl
 
 from meshtls.pki import CertificateAuthority, generate_ca
 
@@ -47,7 +47,4 @@ def mesh(tmp_path: Path, ca: CertificateAuthority) -> Iterator[Mesh]:
 
 @pytest.fixture(scope="session")
 def openssl() -> str:
-    path = shutil.which("openssl")
-    if path is None:
-        pytest.fail("the openssl command line is needed for the interop tests: apt-get install openssl")
-    return path
+    return require_openssl()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-from collections.abc import Mapping
 from typing import Any
 
 import pytest
@@ -18,14 +17,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from meshtls.api.constants import ANNOTATION_INJECTED, LABEL_INJECT_POD
-from meshtls.sidecar.admission import (
-    REASON_IDENTITY_AMBIGUOUS,
-    REASON_IDENTITY_NOT_FOUND,
+from meshtls.api.reasons import Reason
+from meshtls.injection.admission import (
     AdmissionOutcome,
     Lookup,
     review_pod_admission,
 )
-from meshtls.sidecar.target import SIDECAR_NAME, VOLUME_BUNDLE, VOLUME_IDENTITY, InjectionOptions, InjectionTarget
+from meshtls.injection.target import SIDECAR_NAME, VOLUME_BUNDLE, VOLUME_IDENTITY, InjectionOptions, InjectionTarget
 from test_inject_golden import admission_review, apply_json_patch, patch_of
 
 # MESHTLS_FUZZ_EXAMPLES=5000 for a deeper run; the default keeps the file well under 30 s
@@ -42,11 +40,10 @@ def target(name: str, service_account: str, selector: dict[str, str] | None = No
                            bundle_config_map="meshtls-bundle", pod_selector=selector or {}, inbound_ports=(8443,))
 
 
-def lookup_all(namespace: str, service_account: str, labels: Mapping[str, str]) -> list[InjectionTarget]:
+def lookup_all(namespace: str, service_account: str) -> list[InjectionTarget]:
     """The identity of the asked ServiceAccount, plus other ServiceAccounts' (which must be ignored)."""
     assert isinstance(namespace, str) and namespace
     assert isinstance(service_account, str) and service_account
-    assert all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items())
     return [target(f"id-{service_account}", service_account), *(target(f"id-{sa}", sa) for sa in SERVICE_ACCOUNTS)]
 
 
@@ -71,7 +68,7 @@ def check(outcome: AdmissionOutcome, body: bytes) -> None:
     assert all(isinstance(w, str) and len(w) <= 256 and w.isprintable() for w in response["warnings"])
     if outcome.event is not None:
         reason, message = outcome.event
-        assert reason in (REASON_IDENTITY_NOT_FOUND, REASON_IDENTITY_AMBIGUOUS) and message
+        assert reason in (Reason.IDENTITY_NOT_FOUND, Reason.IDENTITY_AMBIGUOUS) and message
     if "patch" not in response:
         return
     assert response["patchType"] == "JSONPatch"
@@ -192,11 +189,11 @@ def test_odd_reviews(review_doc: dict[str, Any]) -> None:
 
 LOOKUPS: dict[str, Lookup] = {
     "one": lookup_all,
-    "none": lambda namespace, service_account, labels: [],
-    "other": lambda namespace, service_account, labels: [target("id-x", service_account + "-x")],
-    "two": lambda namespace, service_account, labels: [target("a", service_account), target("b", service_account)],
-    "selector": lambda namespace, service_account, labels: [target("a", service_account, {"app": "backend"}),
-                                                            target("b", service_account, {"tier": "api"})],
+    "none": lambda namespace, service_account: [],
+    "other": lambda namespace, service_account: [target("id-x", service_account + "-x")],
+    "two": lambda namespace, service_account: [target("a", service_account), target("b", service_account)],
+    "selector": lambda namespace, service_account: [target("a", service_account, {"app": "backend"}),
+                                                    target("b", service_account, {"tier": "api"})],
 }
 
 
@@ -238,12 +235,12 @@ def test_injects_only_the_service_accounts_identity() -> None:
 
 
 def test_never_another_service_accounts_identity() -> None:
-    def wrong(namespace: str, service_account: str, labels: Mapping[str, str]) -> list[InjectionTarget]:
+    def wrong(namespace: str, service_account: str) -> list[InjectionTarget]:
         return [target("id-frontend", "frontend"), target("admin", "cluster-admin")]
 
     outcome = review_pod_admission(admission_review(POD), wrong, InjectionOptions())
     assert patch_of(outcome) == [] and outcome.response["response"]["allowed"]
-    assert outcome.event == (REASON_IDENTITY_NOT_FOUND, "meshtls: no WorkloadIdentity in shop for ServiceAccount "
+    assert outcome.event == (Reason.IDENTITY_NOT_FOUND, "meshtls: no WorkloadIdentity in shop for ServiceAccount "
                                                         "backend; pod admitted without a sidecar")
 
 
@@ -256,7 +253,7 @@ def test_duplicates_from_the_lookup_are_not_ambiguous() -> None:
 def test_ambiguity_names_the_identities() -> None:
     many = [target(f"id-{i}", "backend") for i in range(8)]
     outcome = review_pod_admission(admission_review(POD), lambda *_: many, InjectionOptions())
-    assert outcome.event is not None and outcome.event[0] == REASON_IDENTITY_AMBIGUOUS
+    assert outcome.event is not None and outcome.event[0] == Reason.IDENTITY_AMBIGUOUS
     assert "id-0, id-1, id-2, id-3, id-4 and 3 more" in outcome.event[1]
     assert patch_of(outcome) == []
 
@@ -273,7 +270,7 @@ def test_generate_name_pod_and_namespace_from_the_pod() -> None:
     pod = {"metadata": {"generateName": "backend-", "namespace": "shop"}, "spec": POD["spec"]}
     seen: list[tuple[str, str]] = []
 
-    def lookup(namespace: str, service_account: str, labels: Mapping[str, str]) -> list[InjectionTarget]:
+    def lookup(namespace: str, service_account: str) -> list[InjectionTarget]:
         seen.append((namespace, service_account))
         return [target("id-backend", "backend")]
 
@@ -338,7 +335,7 @@ def test_missing_namespace_is_denied() -> None:
 
 
 def test_a_failing_lookup_is_a_denial_not_an_exception() -> None:
-    def broken(namespace: str, service_account: str, labels: Mapping[str, str]) -> list[InjectionTarget]:
+    def broken(namespace: str, service_account: str) -> list[InjectionTarget]:
         raise RuntimeError("index not ready")
 
     outcome = review_pod_admission(admission_review(POD), broken, InjectionOptions())

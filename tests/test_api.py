@@ -98,7 +98,7 @@ def test_names_that_would_make_invalid_objects_are_refused_naming_the_field() ->
 
 
 def test_a_replica_stands_by_only_for_a_live_peer_with_a_higher_priority() -> None:
-    from meshtls.lifecycle.peering import outranked_by_live_peer
+    from meshtls.policy.peering import outranked_by_live_peer
 
     now = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
     fresh, stale = (now - dt.timedelta(seconds=5)).isoformat(), (now - dt.timedelta(seconds=90)).isoformat()

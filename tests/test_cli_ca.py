@@ -19,7 +19,7 @@ from meshtls.cli.output import Output
 from meshtls.cli.views import trust_domains
 from meshtls.kube.client import ApiError
 from meshtls.kube.queries import Connection
-from meshtls.lifecycle.ca_rotation import PREPARING, ROTATING, STABLE, RotationState, next_rotation_step
+from meshtls.policy.ca_rotation import PREPARING, ROTATING, STABLE, RotationState, next_rotation_step
 
 NOW = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
 OLD, NEW = "a" * 64, "b" * 64
@@ -146,7 +146,7 @@ def test_rotation_progress_fails_on_ready_false_or_a_request_taken_without_a_rot
 
 
 def test_request_ids_are_served_once_by_the_operators_decision() -> None:
-    """The ids `ca rotate` writes against lifecycle.ca_rotation: a fresh one starts a rotation, the same one again
+    """The ids `ca rotate` writes against policy.ca_rotation: a fresh one starts a rotation, the same one again
     (the annotation left in place after the rotation) does not."""
     ids = set()
     for _ in range(20):

@@ -22,9 +22,11 @@ from meshtls.api.model import (
     resolve_identity,
 )
 from meshtls.api.objects import ABSENT, SecretSnapshot
-from meshtls.handlers.targets import PodSelectionIndex, selectors_overlap
-from meshtls.lifecycle.clock import FakeClock
-from meshtls.lifecycle.issuance import (
+from meshtls.injection.render import CONFIGMAP_DATA_LIMIT, check_publishable, render_sidecar_config
+from meshtls.injection.targets import PodSelectionIndex, selectors_overlap
+from meshtls.pki import CertificateAuthority, generate_ca, load_certificates
+from meshtls.policy.clock import FakeClock
+from meshtls.policy.issuance import (
     Issuance,
     floor_condition,
     issue_for,
@@ -35,11 +37,9 @@ from meshtls.lifecycle.issuance import (
     secret_digest,
     superseded_by_spec,
 )
-from meshtls.lifecycle.namespaces import namespace_terminating
-from meshtls.lifecycle.renewal import reissue_floor, renewal_time
-from meshtls.lifecycle.triggers import ISSUE, WAIT, IdentityState, decide
-from meshtls.pki import CertificateAuthority, generate_ca, load_certificates
-from meshtls.sidecar.render import CONFIGMAP_DATA_LIMIT, check_publishable, render_sidecar_config
+from meshtls.policy.namespaces import namespace_terminating
+from meshtls.policy.renewal import reissue_floor, renewal_time
+from meshtls.policy.triggers import ISSUE, WAIT, IdentityState, decide
 
 T0 = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 UID = "uid-1"

@@ -14,7 +14,6 @@ import copy
 import difflib
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +22,10 @@ import pytest
 import yaml
 
 from meshtls.api.constants import ANNOTATION_INJECTED, ANNOTATION_SPIFFE_ID
-from meshtls.sidecar.admission import AdmissionOutcome, review_pod_admission
-from meshtls.sidecar.config import BUNDLE_DIR, CONFIG_DIR, CONFIG_FILE, IDENTITY_DIR
-from meshtls.sidecar.inject import PodShapeError, build_injection_patch, escape_pointer_token
-from meshtls.sidecar.target import SIDECAR_NAME, InjectionOptions, InjectionTarget
+from meshtls.dataplane.layout import BUNDLE_DIR, CONFIG_DIR, CONFIG_FILE, IDENTITY_DIR
+from meshtls.injection.admission import AdmissionOutcome, review_pod_admission
+from meshtls.injection.inject import PodShapeError, build_injection_patch, escape_pointer_token
+from meshtls.injection.target import SIDECAR_NAME, InjectionOptions, InjectionTarget
 
 GOLDEN = Path(__file__).parent / "golden" / "inject"
 UPDATE = os.environ.get("MESHTLS_UPDATE_GOLDEN") == "1"
@@ -132,10 +131,10 @@ def patch_of(outcome: AdmissionOutcome) -> list[dict[str, Any]]:
 @dataclass
 class Lookup:
     targets: list[InjectionTarget]
-    calls: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    calls: list[tuple[str, str]] = field(default_factory=list)
 
-    def __call__(self, namespace: str, service_account: str, labels: Mapping[str, str]) -> list[InjectionTarget]:
-        self.calls.append((namespace, service_account, dict(labels)))
+    def __call__(self, namespace: str, service_account: str) -> list[InjectionTarget]:
+        self.calls.append((namespace, service_account))
         return list(self.targets)  # verbatim, even other ServiceAccounts': the reviewer must filter
 
 
@@ -171,7 +170,7 @@ def admit(case: Case, pod: dict[str, Any] | None = None) -> tuple[AdmissionOutco
 def render(name: str, case: Case, outcome: AdmissionOutcome, patched: dict[str, Any]) -> str:
     response = outcome.response["response"]
     lines = [f"# golden output of {name}.in.yaml (regenerate with MESHTLS_UPDATE_GOLDEN=1)"]
-    lines += [f"# lookup: namespace={ns} serviceAccount={sa}" for ns, sa, _ in case.lookup.calls]
+    lines += [f"# lookup: namespace={ns} serviceAccount={sa}" for ns, sa in case.lookup.calls]
     lines.append(f"# allowed: {str(response['allowed']).lower()}")
     if not response["allowed"]:
         lines.append(f"# denied: {response['status']['message']}")

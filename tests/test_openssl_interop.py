@@ -37,6 +37,15 @@ def _write_identity(directory: Path, ca: CertificateAuthority, name: str, algori
     return d
 
 
+def _s_server(openssl: str, port: int, identity: Path) -> subprocess.Popen[str]:
+    """`openssl s_server` requiring a client certificate from `identity`'s CA, for one connection."""
+    return subprocess.Popen(
+        [openssl, "s_server", "-accept", f"127.0.0.1:{port}", "-cert", identity / "tls.crt", "-key",
+         identity / "tls.key", "-CAfile", identity / "ca.crt", "-Verify", "2", "-verify_return_error", "-naccept", "1"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+
+
 def test_openssl_verify_accepts_chain_and_reports_revocation(tmp_path: Path, ca: CertificateAuthority,
                                                              openssl: str) -> None:
     web = _write_identity(tmp_path, ca, "web", KeyAlgorithm.ECDSA_P256)
@@ -82,11 +91,7 @@ def test_mutual_handshake_with_openssl_s_server_and_s_client(tmp_path: Path, ope
     server = _write_identity(tmp_path, ca, "server", algorithm)
     client = _write_identity(tmp_path, ca, "client", algorithm)
     port = _free_port()
-    srv = subprocess.Popen(
-        [openssl, "s_server", "-accept", f"127.0.0.1:{port}", "-cert", server / "tls.crt", "-key", server / "tls.key",
-         "-CAfile", server / "ca.crt", "-Verify", "2", "-verify_return_error", "-naccept", "1"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    srv = _s_server(openssl, port, server)
     try:
         deadline = time.monotonic() + 10
         while srv.stdout is not None:
@@ -111,11 +116,7 @@ def test_s_server_refuses_a_client_from_another_ca(tmp_path: Path, ca: Certifica
     server = _write_identity(tmp_path, ca, "server", KeyAlgorithm.ECDSA_P256)
     stranger = _write_identity(tmp_path, other_ca, "stranger", KeyAlgorithm.ECDSA_P256)
     port = _free_port()
-    srv = subprocess.Popen(
-        [openssl, "s_server", "-accept", f"127.0.0.1:{port}", "-cert", server / "tls.crt", "-key", server / "tls.key",
-         "-CAfile", server / "ca.crt", "-Verify", "2", "-verify_return_error", "-naccept", "1"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
+    srv = _s_server(openssl, port, server)
     try:
         while srv.stdout is not None:
             line = srv.stdout.readline()

@@ -6,14 +6,13 @@ import asyncio
 import datetime as dt
 
 from meshtls.handlers.scheduler import Key, RenewalScheduler
-from meshtls.handlers.targets import TargetIndex
-from meshtls.lifecycle.ca_rotation import PREPARING, ROTATING, STABLE, RotationState, next_rotation_step
-from meshtls.lifecycle.clock import FakeClock
-from meshtls.sidecar.target import InjectionTarget
+from meshtls.injection.target import InjectionTarget
+from meshtls.injection.targets import TargetIndex
+from meshtls.policy.ca_rotation import PREPARING, ROTATING, STABLE, RotationState, next_rotation_step
+from meshtls.policy.clock import FakeClock
 
 T0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 HOUR = dt.timedelta(hours=1)
-TICK: Key = ("test", "tick")  # scheduled in the past to wake the heap after the fake clock moved
 
 
 async def settle() -> None:
@@ -29,8 +28,7 @@ def test_due_keys_run_once_in_order_and_rescheduling_supersedes() -> None:
         clock = FakeClock(T0)
 
         async def work(key: Key) -> None:
-            if key != TICK:
-                ran.append(key)
+            ran.append(key)
 
         scheduler = RenewalScheduler(clock, work)
         task = asyncio.create_task(scheduler.run())
@@ -42,13 +40,12 @@ def test_due_keys_run_once_in_order_and_rescheduling_supersedes() -> None:
         scheduler.forget(("a", "gone"))
         await settle()
         seen.append(list(ran))  # nothing is due at T0
-        # Advancing the fake clock does not wake the heap (it waits on the loop); a key due before all others does.
         clock.advance(HOUR)
-        scheduler.schedule(TICK, T0 - HOUR)
+        scheduler.wake()  # the heap sleeps on the loop's clock: told that the fake one moved
         await settle()
         seen.append(list(ran))
         clock.advance(5 * HOUR)
-        scheduler.schedule(TICK, T0 - HOUR)
+        scheduler.wake()
         await settle()
         seen.append(list(ran))
         task.cancel()
@@ -77,18 +74,52 @@ def test_a_failing_key_is_retried_ten_seconds_later() -> None:
     assert asyncio.run(scenario()) == (1, T0 + dt.timedelta(seconds=10))
 
 
+def test_superseded_entries_are_compacted_and_the_latest_schedule_still_wins() -> None:
+    """Rescheduling the same keys again and again (every reconcile does) keeps the heap near the live keys."""
+    for keys, rounds in ((1, 5000), (10, 500), (300, 20), (1000, 3)):
+        async def scenario(keys: int = keys, rounds: int = rounds) -> tuple[int, int, list[Key]]:
+            ran: list[Key] = []
+            clock = FakeClock(T0)
+
+            async def work(key: Key) -> None:
+                ran.append(key)
+
+            scheduler = RenewalScheduler(clock, work)
+            biggest = 0
+            for r in range(rounds):
+                for k in range(keys):
+                    scheduler.schedule(("a", f"k{k}"), T0 + HOUR + dt.timedelta(seconds=r + k))
+                    biggest = max(biggest, scheduler.heap_size)
+            for k in range(0, keys, 2):
+                scheduler.forget(("a", f"k{k}"))
+            task = asyncio.create_task(scheduler.run())
+            clock.advance(HOUR + dt.timedelta(seconds=rounds + keys))
+            scheduler.wake()
+            for _ in range(keys):  # eight at a time: give every slot its turns
+                await settle()
+                if len(ran) == keys // 2:
+                    break
+            task.cancel()
+            return biggest, scheduler.heap_size, ran
+
+        biggest, left, ran = asyncio.run(scenario())
+        assert biggest <= 64 + 2 * keys + 1, (keys, rounds, biggest)
+        assert left <= 64 + keys, (keys, rounds, left)  # the due ran, the rest are superseded or forgotten
+        assert sorted(ran) == sorted(("a", f"k{k}") for k in range(1, keys, 2)), (keys, rounds)
+
+
 def test_target_index_answers_by_namespace_and_service_account() -> None:
     index = TargetIndex()
     web = InjectionTarget("web", "web", "spiffe://td/ns/a/sa/web", "web-mtls", "web-meshtls-proxy", "meshtls-bundle")
     index.put("a", web)
-    assert index.lookup("a", "web", {}) == [web]
-    assert index.lookup("b", "web", {}) == []
-    assert index.lookup("a", "other", {}) == []
+    assert index.lookup("a", "web") == [web]
+    assert index.lookup("b", "web") == []
+    assert index.lookup("a", "other") == []
     moved = InjectionTarget("web", "api", "spiffe://td/ns/a/sa/api", "web-mtls", "web-meshtls-proxy", "meshtls-bundle")
     index.put("a", moved)  # the identity's serviceAccountName changed
-    assert index.lookup("a", "web", {}) == [] and index.lookup("a", "api", {}) == [moved]
+    assert index.lookup("a", "web") == [] and index.lookup("a", "api") == [moved]
     index.remove("a", "web")
-    assert index.lookup("a", "api", {}) == []
+    assert index.lookup("a", "api") == []
 
 
 def test_ca_rotation_phases_with_a_fake_clock() -> None:

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 
 from meshtls.api.model import parse_trust_domain, parse_workload_identity, resolve_identity
+from meshtls.dataplane.config import load_sidecar_config, parse_sidecar_config
+from meshtls.injection.render import injection_target, render_sidecar_config
 from meshtls.pki import PKIError
-from meshtls.sidecar.config import load_sidecar_config, parse_sidecar_config
-from meshtls.sidecar.render import injection_target, render_sidecar_config
 
 
 def test_rendered_config_round_trips_through_the_proxy_parser() -> None:
@@ -56,10 +56,10 @@ def test_bad_shapes_name_the_field(patch: dict[str, Any], field: str) -> None:
     assert err.value.field == field
 
 
-def test_mount_layout_is_one_contract() -> None:
-    """Until the schema moves into meshtls.dataplane (#14 phase 2), its default mounts are the layout's."""
+def test_the_config_defaults_to_the_mounts_the_webhook_writes() -> None:
+    """A config without explicit directories reads the identity and bundle where the injected pod mounts them."""
     from meshtls.dataplane import layout
-    from meshtls.sidecar import config
 
-    for name in ("CONFIG_FILE", "IDENTITY_DIR", "BUNDLE_DIR", "CONFIG_DIR"):
-        assert getattr(config, name) == getattr(layout, name), name
+    config = parse_sidecar_config({"spiffeId": "spiffe://td/ns/a/sa/b"})
+    assert (config.identity_dir, config.bundle_dir) == (layout.IDENTITY_DIR, layout.BUNDLE_DIR)
+    assert load_sidecar_config(config.to_yaml()) == config

@@ -26,9 +26,9 @@ from meshtls.api.model import (
     parse_workload_identity,
     resolve_identity,
 )
+from meshtls.dataplane.config import DEFAULT_ADMIN_PORT, parse_sidecar_config
 from meshtls.pki import PKIError
 from meshtls.pki.issue import validate_dns_name
-from meshtls.sidecar.config import DEFAULT_ADMIN_PORT, parse_sidecar_config
 
 REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "e2e" / "manifests" / "hostile"

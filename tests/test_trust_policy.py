@@ -10,9 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from meshtls.api.constants import ANNOTATION_DEFAULT_TRUST_DOMAIN
-from meshtls.lifecycle.clock import FakeClock
-from meshtls.lifecycle.issuance import condition
-from meshtls.lifecycle.trust_policy import (
+from meshtls.pki import build_crl, crl_pem, generate_ca, load_certificates, load_crls
+from meshtls.policy.clock import FakeClock
+from meshtls.policy.issuance import condition
+from meshtls.policy.trust_policy import (
     MIN_CRL_RESIGN,
     BundleContribution,
     bundle_matches,
@@ -25,7 +26,6 @@ from meshtls.lifecycle.trust_policy import (
     problem_changed,
     status_patch,
 )
-from meshtls.pki import build_crl, crl_pem, generate_ca, load_certificates, load_crls
 
 T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
 NAMES = ["a.example", "b.example", "c.example"]

@@ -16,8 +16,8 @@ from meshtls.api.constants import ANNOTATION_TRUST_DOMAINS, LABEL_MANAGED_BY, MA
 from meshtls.api.objects import ABSENT, SecretSnapshot
 from meshtls.handlers.trust import TrustDomainError, TrustDomains, state_secret_name
 from meshtls.kube.client import Conflict, NotFound
-from meshtls.lifecycle.clock import FakeClock
 from meshtls.pki import certificates_pem, generate_ca, load_certificates, load_crls
+from meshtls.policy.clock import FakeClock
 
 T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
 OPNS = "meshtls-system"

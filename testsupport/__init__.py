@@ -1,3 +1,4 @@
 """What the unit tests (tests/), the e2e suites (e2e/) and the benchmarks (bench/) share: the kubelet's part for
-sidecar volumes and processes (`kubelet`), threads that run beside a test (`threads`), and an in-process mesh of
-proxies (`proxymesh`). Importable from the repository root (where pytest and `python -m bench...` run)."""
+sidecar volumes and processes (`kubelet`), threads that run beside a test (`threads`), an in-process mesh of
+proxies (`proxymesh`) and tools the machine must have (`tools`). Importable from the repository root (where pytest
+and `python -m bench...` run)."""

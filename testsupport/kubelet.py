@@ -30,10 +30,11 @@ from typing import Any
 
 import yaml
 
-DATA_DIR = "..data"
+from meshtls.dataplane.layout import CONFIG_FILE
+from meshtls.dataplane.layout import DATA_LINK as DATA_DIR
+from meshtls.proxy.main import BIND_ENV
+
 DATA_DIR_TMP = "..data_tmp"
-BIND_ENV = "MESHTLS_PROXY_BIND_ADDRESS"
-CONFIG_FILE = "proxy.yaml"
 
 
 def _timestamped_dir_name(now: dt.datetime | None = None) -> str:

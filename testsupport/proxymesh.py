@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from meshtls.dataplane.config import parse_sidecar_config
 from meshtls.pki import (
     CertificateAuthority,
     IssuedCertificate,
@@ -31,7 +32,6 @@ from meshtls.pki import (
     workload_spiffe_id,
 )
 from meshtls.proxy.server import Proxy
-from meshtls.sidecar.config import parse_sidecar_config
 from testsupport.kubelet import bundle_files, identity_files, write_atomic_volume
 
 TD = "example.org"

@@ -182,7 +182,8 @@ def _stderr(msg: str) -> None:
 
 
 @contextmanager
-def _lock(path: Path) -> Iterator[None]:
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive flock on `path` (created with its parents), held for the block: one process at a time."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -204,7 +205,7 @@ def build_component(
     c: Component, log: Callable[[str], None] = _stderr, progress_every: float = 15.0
 ) -> float:
     """Builds one component unless it is already cached; returns the seconds spent (0 when cached)."""
-    with _lock(cache_dir() / "bin" / ".build.lock"):
+    with file_lock(cache_dir() / "bin" / ".build.lock"):
         if c.is_built():
             return 0.0
         go = shutil.which("go")

@@ -136,16 +136,8 @@ def _node(name: str) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _lock() -> Iterator[None]:
-    import fcntl
-
-    path = state_dir().with_name(state_dir().name + ".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    with build.file_lock(state_dir().with_name(state_dir().name + ".lock")):
+        yield
 
 
 class Cluster:

@@ -30,10 +30,6 @@ ANNOTATION_INJECTED = f"{GROUP}/injected-identity"
 
 FINALIZER = f"{GROUP}/revoke-on-delete"
 DEFAULT_BUNDLE_CONFIGMAP = "meshtls-bundle"
+ANNOTATION_ROTATE_CA = f"{GROUP}/rotate-ca"  # set by `meshtls ca rotate`: start a CA rotation now
 
-# Event reasons (also condition reasons) users see.
-REASON_ISSUED = "Issued"
-REASON_ROTATED = "Rotated"
-REASON_REVOKED = "Revoked"
-REASON_SECRET_CONFLICT = "SecretConflict"
-REASON_REPAIRED = "Repaired"
+# Names of the objects meshtls writes: meshtls.api.names. Event and condition reasons: meshtls.api.reasons.

@@ -14,8 +14,12 @@ from typing import Any
 
 from meshtls.api.constants import DEFAULT_BUNDLE_CONFIGMAP
 from meshtls.api.durations import format_duration, parse_duration
+from meshtls.api.names import MAX_OBJECT_NAME, SIDECAR_CONFIG_SUFFIX, default_secret_name
+from meshtls.api.reasons import Reason
+from meshtls.pki.ca import DEFAULT_CA_VALIDITY
+from meshtls.pki.crl import DEFAULT_CRL_VALIDITY
 from meshtls.pki.errors import PKIError
-from meshtls.pki.issue import MAX_DNS_NAME_LENGTH, validate_dns_name
+from meshtls.pki.issue import DEFAULT_BACKDATE, MAX_DNS_NAME_LENGTH, validate_dns_name
 from meshtls.pki.keys import DEFAULT_KEY_ALGORITHM, KeyAlgorithm
 from meshtls.pki.spiffe import SpiffeId, parse_spiffe_id, validate_trust_domain, workload_spiffe_id
 
@@ -24,15 +28,10 @@ DEFAULT_MIN_TTL = dt.timedelta(minutes=5)
 DEFAULT_MAX_TTL = dt.timedelta(hours=24)
 ABSOLUTE_MIN_TTL = dt.timedelta(seconds=10)  # tests and the demo watch real rotations within seconds
 DEFAULT_RENEW_AT_PERCENT = 200 / 3  # cert-manager's 2/3
-DEFAULT_CA_VALIDITY = dt.timedelta(days=365)
 DEFAULT_CA_ROTATE_BEFORE_PERCENT = 30
-DEFAULT_BACKDATE = dt.timedelta(seconds=60)
-DEFAULT_CRL_VALIDITY = dt.timedelta(hours=24)
 DEFAULT_PROPAGATION_DELAY = dt.timedelta(seconds=90)  # kubelets refresh mounted ConfigMaps within ~60-90 s
 
 MAX_LABEL_VALUE = 63
-MAX_OBJECT_NAME = 253
-SIDECAR_CONFIG_SUFFIX = "-meshtls-proxy"  # sidecar.target.sidecar_configmap_name (api may not import sidecar)
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 
 # Bounds the CRDs' CEL rules enforce too (crds/*.yaml); the operator checks them again because a cluster's CRDs can
@@ -73,7 +72,7 @@ _ADDRESS = re.compile(r"([A-Za-z0-9.-]+):([1-9][0-9]{0,4})")
 class SpecError(PKIError):
     """A spec the operator cannot act on; `reason` becomes the condition reason users see."""
 
-    def __init__(self, field: str, message: str, reason: str = "InvalidSpec") -> None:
+    def __init__(self, field: str, message: str, reason: str = Reason.INVALID_SPEC) -> None:
         super().__init__(field, message)
         self.reason = reason
 
@@ -479,7 +478,7 @@ def parse_workload_identity(body: Mapping[str, Any]) -> WorkloadIdentitySpec:
             validate_trust_domain(_string(td, "spec.trustDomain"), "spec.trustDomain")
         except PKIError as exc:
             raise SpecError(exc.field, exc.message) from None
-    secret_name = _string(spec.get("secretName") or f"{name}-mtls", "spec.secretName")
+    secret_name = _string(spec.get("secretName") or default_secret_name(name), "spec.secretName")
     if not _OBJECT_NAME.fullmatch(secret_name):
         raise SpecError("spec.secretName", f"{secret_name[:60]!r} is not a valid Secret name (lowercase RFC 1123 "
                                            "subdomain)")
@@ -550,7 +549,7 @@ def resolve_identity(spec: WorkloadIdentitySpec, td: TrustDomainSpec) -> Effecti
     if not policy.min_ttl <= ttl <= policy.max_ttl:
         raise SpecError("spec.ttl", f"{format_duration(ttl)} is outside the trust domain's range "
                                     f"{format_duration(policy.min_ttl)}-{format_duration(policy.max_ttl)}",
-                        reason="TTLOutOfRange")
+                        reason=Reason.TTL_OUT_OF_RANGE)
     if spec.renew_before is not None:
         check_renew_before(spec.renew_before, ttl)
     for i, dns_name in enumerate(spec.dns_names):
@@ -558,7 +557,8 @@ def resolve_identity(spec: WorkloadIdentitySpec, td: TrustDomainSpec) -> Effecti
             allowed = ", ".join(dns_name_patterns(policy.allowed_dns_names, spec.namespace)) or "no DNS names"
             raise SpecError(f"spec.dnsNames[{i}]", f"{dns_name!r} is outside what TrustDomain {td.name} allows in "
                                                    f"namespace {spec.namespace}: {allowed} "
-                                                   "(spec.certificates.allowedDNSNames)", reason="DNSNameNotAllowed")
+                                                   "(spec.certificates.allowedDNSNames)",
+                            reason=Reason.DNS_NAME_NOT_ALLOWED)
     return EffectiveIdentity(
         spec=spec,
         trust_domain=td.name,

@@ -13,11 +13,11 @@ import os
 from typing import Any
 
 from meshtls.api.constants import DEFAULT_BUNDLE_CONFIGMAP
+from meshtls.api.reasons import WATCHED_REASONS
 from meshtls.cli.errors import Parser
 from meshtls.pki.crl import RevocationReason
 
 OUTPUT_FORMATS = ("table", "json", "yaml")
-WATCHED_REASONS = ("Issued", "Rotated", "Revoked", "Repaired", "SecretConflict")
 
 
 def _cluster_flags() -> Parser:

@@ -15,15 +15,15 @@ from cryptography import x509
 
 from meshtls.api.constants import GROUP, TRUST_DOMAINS, VERSION, WORKLOAD_IDENTITIES
 from meshtls.api.model import SpecError, parse_trust_domain
+from meshtls.api.names import iso
 from meshtls.api.objects import SecretSnapshot
 from meshtls.cli.views.check import CheckResult
-from meshtls.cli.views.identities import condition
+from meshtls.cli.views.identities import condition, secret_name_of
 from meshtls.cli.views.times import human_duration, parse_time
-from meshtls.lifecycle.certificate import read_secret_certificate
-from meshtls.lifecycle.issuance import iso
 from meshtls.pki import PKIError, crl_number, fingerprint_sha256, format_serial, load_certificates, load_crls
 from meshtls.pki.ca import signed_by
 from meshtls.pki.verify import verify_svid
+from meshtls.policy.certificate import read_secret_certificate
 
 CRD_NAMES = (f"{TRUST_DOMAINS}.{GROUP}", f"{WORKLOAD_IDENTITIES}.{GROUP}")
 CLOCK_TOLERANCE = dt.timedelta(seconds=30)
@@ -286,7 +286,7 @@ def check_identity(body: Mapping[str, Any], secret: SecretSnapshot | None, now: 
         reason = f"{ready.get('reason')}: {ready.get('message')}" if ready else "no Ready condition yet"
         return fail(title, f"not Ready ({reason})")
     status = body.get("status") or {}
-    secret_name = status.get("secretName") or (body.get("spec") or {}).get("secretName") or f"{meta.get('name')}-mtls"
+    secret_name = secret_name_of(body)
     if secret is None or not secret.exists:
         return fail(title, f"Secret {secret_name} does not exist")
     if not secret.owned_by(str(meta.get("uid"))):

@@ -9,9 +9,9 @@ from typing import Any
 
 from cryptography import x509
 
+from meshtls.api.names import iso
 from meshtls.cli.checks import bundle_material, bundle_refusal
 from meshtls.cli.views.times import human_duration
-from meshtls.lifecycle.issuance import iso
 from meshtls.pki import (
     PKIError,
     crl_number,

@@ -6,7 +6,7 @@ projects a Secret or ConfigMap as `..data` -> a timestamped directory, with the 
 
 from __future__ import annotations
 
-# mount points in the sidecar container (phase 2 of #14: meshtls.sidecar.config takes these from here)
+# mount points in the sidecar container
 IDENTITY_DIR = "/var/run/meshtls/identity"  # the identity Secret
 BUNDLE_DIR = "/var/run/meshtls/bundle"  # the trust bundle ConfigMap
 CONFIG_DIR = "/etc/meshtls"  # the rendered sidecar config

@@ -22,6 +22,7 @@ from meshtls.api.constants import (
     VERSION,
     WORKLOAD_IDENTITIES,
 )
+from meshtls.dataplane.layout import CONFIG_FILE
 from meshtls.handlers import metrics
 from meshtls.handlers.reconcile import (
     Operator,
@@ -33,12 +34,11 @@ from meshtls.handlers.reconcile import (
 from meshtls.handlers.settings import OPTIONS
 from meshtls.handlers.trust import RESYNC, TrustDomains
 from meshtls.handlers.trust_watch import follow_trust_secrets, on_bundle_configmap
+from meshtls.injection.target import InjectionOptions
 from meshtls.kube import connect
 from meshtls.kube.queries import default_holder, run_heartbeat
-from meshtls.lifecycle.clock import SystemClock
-from meshtls.lifecycle.issuance import secret_digest
-from meshtls.sidecar.config import CONFIG_FILE
-from meshtls.sidecar.target import InjectionOptions
+from meshtls.policy.clock import SystemClock
+from meshtls.policy.issuance import secret_digest
 
 log = logging.getLogger("meshtls.operator")
 
@@ -81,7 +81,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     # a Lease renewed every 10 s: `meshtls check` tells a live operator from a dead one without reaching its pod
     memo.heartbeat_task = asyncio.create_task(run_heartbeat(kube, OPTIONS.operator_namespace, default_holder()))
     if OPTIONS.webhook_port:
-        from meshtls.handlers.webhook import InjectionWebhook  # aiohttp's server only when the webhook is on
+        from meshtls.injection.webhook import InjectionWebhook  # aiohttp's server only when the webhook is on
 
         webhook = InjectionWebhook(kube, op.targets, OPTIONS, InjectionOptions(image=OPTIONS.sidecar_image),
                                    paused=lambda: op.paused)

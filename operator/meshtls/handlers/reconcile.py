@@ -1,4 +1,4 @@
-"""Reconciling one WorkloadIdentity: read, ask `lifecycle`, write through `kube`. No kopf here.
+"""Reconciling one WorkloadIdentity: read, ask `policy`, write through `kube`. No kopf here.
 
 Called from kopf handlers (create, update, resume), from the renewal scheduler and when a managed Secret changes;
 a per-identity lock makes those never race each other.
@@ -30,17 +30,21 @@ from meshtls.api.constants import (
 )
 from meshtls.api.durations import format_duration
 from meshtls.api.model import EffectiveIdentity, SpecError, parse_workload_identity, resolve_identity
+from meshtls.api.names import sidecar_configmap_name
 from meshtls.api.objects import ABSENT
+from meshtls.dataplane.layout import CONFIG_FILE
 from meshtls.handlers import metrics
 from meshtls.handlers.scheduler import Key, RenewalScheduler
-from meshtls.handlers.targets import PodSelectionIndex, TargetIndex
 from meshtls.handlers.trust import TrustDomainError, TrustDomainRuntime, TrustDomains
+from meshtls.injection.render import check_publishable, injection_target, render_sidecar_config
+from meshtls.injection.targets import PodSelectionIndex, TargetIndex
 from meshtls.kube import Conflict, Kube
 from meshtls.kube.client import ApiError, NotFound
-from meshtls.lifecycle.ca_rotation import reissue_delay
-from meshtls.lifecycle.certificate import dns_names_of
-from meshtls.lifecycle.clock import Clock
-from meshtls.lifecycle.issuance import (
+from meshtls.pki import CertificateAuthority, RevocationReason, RevokedCertificate, load_certificates
+from meshtls.policy.ca_rotation import reissue_delay
+from meshtls.policy.certificate import dns_names_of
+from meshtls.policy.clock import Clock
+from meshtls.policy.issuance import (
     Superseded,
     condition,
     failed_status,
@@ -56,13 +60,9 @@ from meshtls.lifecycle.issuance import (
     superseded_by_spec,
     tracked_serials,
 )
-from meshtls.lifecycle.namespaces import namespace_terminating
-from meshtls.lifecycle.peering import outranked_by_live_peer
-from meshtls.lifecycle.triggers import CONFLICT, ISSUE, IdentityState, decide, event_reason, secret_renewal_time
-from meshtls.pki import CertificateAuthority, RevocationReason, RevokedCertificate, load_certificates
-from meshtls.sidecar.config import CONFIG_FILE
-from meshtls.sidecar.render import check_publishable, injection_target, render_sidecar_config
-from meshtls.sidecar.target import sidecar_configmap_name
+from meshtls.policy.namespaces import namespace_terminating
+from meshtls.policy.peering import outranked_by_live_peer
+from meshtls.policy.triggers import CONFLICT, ISSUE, IdentityState, decide, event_reason, secret_renewal_time
 
 log = logging.getLogger("meshtls.identity")
 RETRY_INVALID = dt.timedelta(seconds=60)

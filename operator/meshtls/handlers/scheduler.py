@@ -1,6 +1,7 @@
-"""One timer for all identities: a heap of renewal times, woken by the earliest.
+"""One timer for all identities and trust domains: a heap of due times, woken by the earliest.
 
 kopf timers and daemons would hold an asyncio task per object and add finalizers; a heap holds a tuple per object.
+Keys are (namespace, name) of a WorkloadIdentity, or ("", name) of a TrustDomain (no namespace is empty).
 """
 
 from __future__ import annotations
@@ -11,10 +12,13 @@ import heapq
 import logging
 from collections.abc import Awaitable, Callable
 
-from meshtls.lifecycle.clock import Clock
+from meshtls.policy.clock import Clock
 
-Key = tuple[str, str]  # (namespace, name)
+Key = tuple[str, str]  # (namespace, name); ("", name) for a TrustDomain
 log = logging.getLogger("meshtls.scheduler")
+RETRY_FAILED = dt.timedelta(seconds=10)
+IDLE_WAIT = 3600.0  # seconds asleep with nothing scheduled (schedule() wakes it sooner)
+COMPACT_MIN = 64  # superseded entries tolerated before the heap is rebuilt from the live ones
 
 
 class RenewalScheduler:
@@ -31,17 +35,34 @@ class RenewalScheduler:
         """(Re)schedule `key`; the latest call wins."""
         self._due[key] = when
         heapq.heappush(self._heap, (when, key))
+        self._compact()
         if self._heap[0][1] == key:
             self._wake.set()
 
     def forget(self, key: Key) -> None:
         self._due.pop(key, None)
+        self._compact()
+
+    def wake(self) -> None:
+        """Read the clock again now: after a fake clock was moved, or the wall clock jumped."""
+        self._wake.set()
 
     def due_at(self, key: Key) -> dt.datetime | None:
         return self._due.get(key)
 
     def __len__(self) -> int:
         return len(self._due)
+
+    @property
+    def heap_size(self) -> int:
+        """Entries in the heap, superseded ones included (bounded by compaction)."""
+        return len(self._heap)
+
+    def _compact(self) -> None:
+        # every reschedule leaves the old entry behind: rebuild once the stale outnumber the live
+        if len(self._heap) > COMPACT_MIN + 2 * len(self._due):
+            self._heap = [(when, key) for key, when in self._due.items()]
+            heapq.heapify(self._heap)
 
     async def run(self) -> None:
         while True:
@@ -56,7 +77,7 @@ class RenewalScheduler:
                 task = asyncio.create_task(self._run_one(key))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
-            timeout = (self._heap[0][0] - now).total_seconds() if self._heap else 3600.0
+            timeout = (self._heap[0][0] - now).total_seconds() if self._heap else IDLE_WAIT
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=max(timeout, 0.01))
             except TimeoutError:
@@ -66,7 +87,7 @@ class RenewalScheduler:
         try:
             await self._work(key)
         except Exception:
-            log.exception("renewal of %s/%s failed; retrying in 10 s", *key)
-            self.schedule(key, self._clock.now() + dt.timedelta(seconds=10))
+            log.exception("work on %s/%s failed; retrying in %d s", *key, RETRY_FAILED.total_seconds())
+            self.schedule(key, self._clock.now() + RETRY_FAILED)
         finally:
             self._slots.release()

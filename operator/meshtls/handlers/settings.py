@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from meshtls.api.names import DEFAULT_SIDECAR_IMAGE
+
 
 @dataclass
 class OperatorOptions:
@@ -19,8 +21,7 @@ class OperatorOptions:
     webhook_host: str = "127.0.0.1"  # URL mode: the address the API server calls
     webhook_service: str | None = None  # Service mode (in-cluster): name of the Service in operator_namespace
     webhook_failure_policy: str = "Ignore"
-    resync_seconds: int = 300
-    sidecar_image: str = "meshtls:0.1.0"
+    sidecar_image: str = DEFAULT_SIDECAR_IMAGE
 
 
 OPTIONS = OperatorOptions()

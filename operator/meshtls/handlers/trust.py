@@ -34,21 +34,6 @@ from meshtls.api.objects import SecretSnapshot
 from meshtls.handlers import metrics
 from meshtls.kube import Conflict, Kube
 from meshtls.kube.client import NotFound
-from meshtls.lifecycle.ca_rotation import PREPARING, ROTATING, STABLE, RotationState, next_rotation_step
-from meshtls.lifecycle.clock import Clock
-from meshtls.lifecycle.issuance import condition, iso
-from meshtls.lifecycle.trust_policy import (
-    BundleContribution,
-    bundle_matches,
-    bundle_trust_domains,
-    choose_trust_domain,
-    crl_resign_at,
-    default_conflict,
-    marked_default,
-    merge_bundle,
-    status_patch,
-    with_condition,
-)
 from meshtls.pki import (
     CertificateAuthority,
     PKIError,
@@ -61,6 +46,21 @@ from meshtls.pki import (
     generate_ca,
     load_ca,
     load_crls,
+)
+from meshtls.policy.ca_rotation import PREPARING, ROTATING, STABLE, RotationState, next_rotation_step
+from meshtls.policy.clock import Clock
+from meshtls.policy.issuance import condition, iso
+from meshtls.policy.trust_policy import (
+    BundleContribution,
+    bundle_matches,
+    bundle_trust_domains,
+    choose_trust_domain,
+    crl_resign_at,
+    default_conflict,
+    marked_default,
+    merge_bundle,
+    status_patch,
+    with_condition,
 )
 
 log = logging.getLogger("meshtls.trust")
@@ -250,7 +250,7 @@ class TrustDomains:
 
     async def resolve(self, requested: str | None, pinned: str | None, key: Key | None = None) -> TrustDomainRuntime:
         """The trust domain an identity uses: spec.trustDomain, else the one it was issued under, else the only or
-        the default TrustDomain (lifecycle.trust_policy.choose_trust_domain)."""
+        the default TrustDomain (policy.trust_policy.choose_trust_domain)."""
         name = requested or pinned
         if name is None:
             bodies = await self.kube.run(self.kube.list_trust_domains)

@@ -18,9 +18,9 @@ import os
 import signal
 import sys
 
+from meshtls.dataplane.config import load_sidecar_config
 from meshtls.pki.errors import PKIError
 from meshtls.proxy.server import DEFAULT_BIND, Proxy, log
-from meshtls.sidecar.config import load_sidecar_config
 
 BIND_ENV = "MESHTLS_PROXY_BIND_ADDRESS"
 ACCESS_LOG_ENV = "MESHTLS_PROXY_ACCESS_LOG"

@@ -6,10 +6,10 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING
 
+from meshtls.dataplane.config import InboundRoute, OutboundRoute
 from meshtls.proxy.errors import NoIdentity, classify_tls_error, error_text, log_value
 from meshtls.proxy.reloader import TLSContexts
 from meshtls.proxy.splice import Plain, Tls
-from meshtls.sidecar.config import InboundRoute, OutboundRoute
 
 if TYPE_CHECKING:
     from meshtls.proxy.server import Proxy

@@ -12,6 +12,7 @@ from typing import Any
 
 from cryptography import x509
 
+from meshtls.dataplane.config import SidecarConfig
 from meshtls.pki.crl import crl_number
 from meshtls.proxy.admin import AdminServer, Gauges, Stats, render_metrics
 from meshtls.proxy.authz import PeerCache, PeerInfo, authorize
@@ -19,7 +20,6 @@ from meshtls.proxy.errors import log_value
 from meshtls.proxy.reloader import Reloader, TLSContexts
 from meshtls.proxy.routes import APP_HOST, InboundTls, OutboundPlain
 from meshtls.proxy.splice import DECRYPT_BUFFER, READ_CHUNK, Side, Tls
-from meshtls.sidecar.config import SidecarConfig
 
 log = logging.getLogger("meshtls.proxy")
 

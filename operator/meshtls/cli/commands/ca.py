@@ -11,14 +11,14 @@ from typing import Any
 
 from rich.text import Text
 
-from meshtls.api.constants import GROUP, TRUST_DOMAINS
+from meshtls.api.constants import ANNOTATION_ROTATE_CA, GROUP, TRUST_DOMAINS
+from meshtls.api.names import iso
 from meshtls.cli.commands.cluster import timeout_seconds, utc_now
 from meshtls.cli.errors import CommandFailed
 from meshtls.cli.output import Output
 from meshtls.cli.views import trust_domains
 from meshtls.kube.client import ApiError, Kube, NotFound
 from meshtls.kube.queries import Connection, annotate_trust_domain
-from meshtls.lifecycle.issuance import iso
 
 POLL = 0.5  # seconds between reads while following a rotation (it takes the propagation delay: minutes)
 
@@ -81,8 +81,6 @@ def status(args: argparse.Namespace, conn: Connection) -> int:
 
 
 def rotate(args: argparse.Namespace, conn: Connection) -> int:
-    from meshtls.handlers.trust import ANNOTATION_ROTATE_CA  # the operator's name for it, not a copy
-
     kube, out = conn.kube, Output(args.output)
     body = _get_trust_domain(kube, args.name)
     refusal = trust_domains.rotation_refusal(body)

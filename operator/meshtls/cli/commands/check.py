@@ -13,18 +13,14 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from meshtls.api.constants import DEFAULT_BUNDLE_CONFIGMAP
+from meshtls.api.names import WEBHOOK_CONFIGURATION, WEBHOOK_TLS_SECRET, state_secret_name
 from meshtls.api.objects import ABSENT
 from meshtls.cli import checks as verdicts
-from meshtls.cli.commands.cluster import (
-    WEBHOOK_CONFIGURATION,
-    WEBHOOK_TLS_SECRET,
-    identity_key,
-    secret_name_of,
-    utc_now,
-)
+from meshtls.cli.commands.cluster import identity_key, utc_now
 from meshtls.cli.errors import CommandFailed, UsageError
 from meshtls.cli.output import Output
 from meshtls.cli.views.check import CheckResult, check_line, check_summary
+from meshtls.cli.views.identities import secret_name_of
 from meshtls.kube.client import ApiError, Kube, NotFound
 from meshtls.kube.queries import (
     HEARTBEAT_LEASE,
@@ -151,8 +147,6 @@ def _probe(url: str) -> CheckResult:
 
 def _check_trust_domains(kube: Kube, operator_namespace: str, checks: _Checks,
                          cas: dict[str, tuple[Any, str | None, str]]) -> None:
-    from meshtls.handlers.trust import state_secret_name
-
     bodies = kube.list_trust_domains()
     if not bodies:
         checks.add(verdicts.fail("TrustDomains", "none: identities cannot be issued (create a TrustDomain)"))

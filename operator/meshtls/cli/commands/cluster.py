@@ -14,6 +14,7 @@ from rich.text import Text
 
 from meshtls.api.constants import DEFAULT_BUNDLE_CONFIGMAP
 from meshtls.api.durations import parse_duration
+from meshtls.api.model import SpecError, parse_trust_domain
 from meshtls.cli.errors import CommandFailed, UsageError
 from meshtls.cli.output import Output
 from meshtls.cli.views.identities import condition
@@ -21,10 +22,6 @@ from meshtls.kube.client import ApiError, Kube, NotFound
 from meshtls.kube.queries import Connection, KubeconfigError, connect_cli, connection_problem
 from meshtls.pki import PKIError, RevocationReason
 
-# The injector's names (meshtls.handlers.webhook.CONFIGURATION_NAME and TLS_SECRET); kept here so that `check`
-# does not import the webhook server.
-WEBHOOK_CONFIGURATION = "meshtls-injector"
-WEBHOOK_TLS_SECRET = "meshtls-webhook-tls"
 POLL = 0.2  # seconds between reads while waiting for the operator
 
 Command = Callable[[argparse.Namespace, Connection], int]
@@ -111,19 +108,17 @@ def get_identity(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
     return body
 
 
-def secret_name_of(body: Mapping[str, Any]) -> str:
-    return str((body.get("status") or {}).get("secretName") or (body.get("spec") or {}).get("secretName")
-               or f"{body['metadata']['name']}-mtls")
-
-
 def bundle_name_of(kube: Kube, trust_domain: str | None) -> str:
     if not trust_domain:
         return DEFAULT_BUNDLE_CONFIGMAP
     try:
-        td = kube.get_trust_domain(trust_domain) or {}
+        body = kube.get_trust_domain(trust_domain)
     except (NotFound, ApiError):
-        td = {}
-    return str(((td.get("spec") or {}).get("bundle") or {}).get("configMapName") or DEFAULT_BUNDLE_CONFIGMAP)
+        body = None
+    try:  # the operator's reading of the spec, defaults and all
+        return parse_trust_domain(body).bundle_configmap if body else DEFAULT_BUNDLE_CONFIGMAP
+    except SpecError:  # the operator refuses it too: it publishes no bundle under another name
+        return DEFAULT_BUNDLE_CONFIGMAP
 
 
 def identity_key(body: Mapping[str, Any]) -> tuple[str, str]:

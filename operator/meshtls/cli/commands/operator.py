@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from meshtls.api.names import DEFAULT_SIDECAR_IMAGE
 from meshtls.cli.errors import Parser, UsageError
 
 
@@ -27,7 +28,7 @@ def add_operator_command(sub: argparse._SubParsersAction[Parser]) -> None:
     p.add_argument("--webhook-host", default="127.0.0.1", help="URL mode: the host the API server calls")
     p.add_argument("--webhook-service", default=None, help="Service mode: the webhook Service's name")
     p.add_argument("--webhook-failure-policy", default="Ignore", choices=["Ignore", "Fail"])
-    p.add_argument("--sidecar-image", default=os.environ.get("MESHTLS_SIDECAR_IMAGE", "meshtls:0.1.0"),
+    p.add_argument("--sidecar-image", default=os.environ.get("MESHTLS_SIDECAR_IMAGE", DEFAULT_SIDECAR_IMAGE),
                    help="image of the injected meshtls-proxy container")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=run)

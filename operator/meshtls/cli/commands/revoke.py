@@ -11,10 +11,10 @@ from rich.text import Text
 
 from meshtls.api.constants import ANNOTATION_REVOKE
 from meshtls.api.objects import SecretSnapshot
-from meshtls.cli.commands.cluster import POLL, bundle_name_of, get_identity, print_rows, secret_name_of, timeout_seconds
+from meshtls.cli.commands.cluster import POLL, bundle_name_of, get_identity, print_rows, timeout_seconds
 from meshtls.cli.errors import CommandFailed
 from meshtls.cli.output import Output
-from meshtls.cli.views.identities import condition
+from meshtls.cli.views.identities import condition, secret_name_of
 from meshtls.kube.queries import Connection
 from meshtls.pki import PKIError, RevocationReason, crl_number, format_serial, load_certificates, load_crls
 

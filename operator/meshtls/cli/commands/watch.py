@@ -7,7 +7,7 @@ import os
 import sys
 
 from meshtls.api.constants import KIND_WORKLOAD_IDENTITY
-from meshtls.cli.arguments import WATCHED_REASONS
+from meshtls.api.reasons import WATCHED_REASONS
 from meshtls.cli.commands.cluster import namespace_scope, require_namespace
 from meshtls.cli.output import Output
 from meshtls.cli.views.events import event_row, watch_line

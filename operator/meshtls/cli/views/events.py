@@ -9,9 +9,10 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
+from meshtls.api.names import iso
+from meshtls.api.reasons import Reason
 from meshtls.cli.output import new_table
 from meshtls.cli.views.times import ago, parse_time
-from meshtls.lifecycle.issuance import iso
 
 
 def event_time(event: Mapping[str, Any]) -> dt.datetime:
@@ -45,8 +46,9 @@ def event_row(event: Mapping[str, Any]) -> dict[str, Any]:
 def _reason_style(row: Mapping[str, Any]) -> str:
     if row.get("type") == "Warning":
         return "bold red"
-    return {"Issued": "green", "Rotated": "cyan", "Revoked": "magenta", "Repaired": "yellow"}.get(
-        str(row.get("reason")), "")
+    styles: dict[str, str] = {Reason.ISSUED: "green", Reason.ROTATED: "cyan", Reason.REVOKED: "magenta",
+                              Reason.REPAIRED: "yellow"}
+    return styles.get(str(row.get("reason")), "")
 
 
 def events_table(rows: Sequence[Mapping[str, Any]], now: dt.datetime) -> Table:

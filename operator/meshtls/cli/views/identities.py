@@ -11,6 +11,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
+from meshtls.api.names import default_secret_name
 from meshtls.cli.output import new_table
 from meshtls.cli.views.events import event_row, events_table, sorted_events
 from meshtls.cli.views.times import ago, human_duration, parse_time, seconds_until
@@ -18,6 +19,12 @@ from meshtls.cli.views.times import ago, human_duration, parse_time, seconds_unt
 IDENTITY_COLUMNS = ("NAMESPACE", "NAME", "SPIFFE ID", "READY", "SERIAL", "EXPIRES IN", "RENEWS IN", "ROTATIONS",
                     "LAST ROTATION")
 
+
+
+def secret_name_of(body: Mapping[str, Any]) -> str:
+    """The identity's Secret: the one it was issued into, else the one its spec names, else the default."""
+    return str((body.get("status") or {}).get("secretName") or (body.get("spec") or {}).get("secretName")
+               or default_secret_name(str((body.get("metadata") or {}).get("name"))))
 
 
 def condition(body: Mapping[str, Any], type_: str) -> dict[str, Any]:
@@ -39,8 +46,7 @@ def identity_row(body: Mapping[str, Any], now: dt.datetime) -> dict[str, Any]:
         "name": meta.get("name"),
         "spiffeID": status.get("spiffeID"),
         "trustDomain": status.get("trustDomain") or (body.get("spec") or {}).get("trustDomain"),
-        "secretName": status.get("secretName") or (body.get("spec") or {}).get("secretName")
-        or f"{meta.get('name')}-mtls",
+        "secretName": secret_name_of(body),
         "ready": ready.get("status", "Unknown"),
         "reason": ready.get("reason"),
         "message": ready.get("message"),

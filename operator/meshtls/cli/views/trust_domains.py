@@ -2,7 +2,7 @@
 one has got. Pure: each function takes the TrustDomain's body (the API's camelCase JSON) and, where time matters,
 a `now`; `commands.ca` does the reading and writing.
 
-The operator (handlers/trust.py, lifecycle/ca_rotation.py) starts a rotation when the annotation
+The operator (handlers/trust.py, policy/ca_rotation.py) starts a rotation when the annotation
 `meshtls.dev/rotate-ca` holds a value other than `status.rotation.lastRequest` while the phase is Stable, and only
 for a CA it generated: a brought CA (`spec.ca.secretRef`) has no key above it to sign a successor.
 """
@@ -22,7 +22,7 @@ from meshtls.api.model import SpecError, parse_trust_domain
 from meshtls.cli.output import new_table
 from meshtls.cli.views.identities import condition, ready_cell
 from meshtls.cli.views.times import ago, parse_time
-from meshtls.lifecycle.ca_rotation import PREPARING, ROTATING, STABLE
+from meshtls.policy.ca_rotation import PREPARING, ROTATING, STABLE
 
 CA_COLUMNS = ("NAME", "READY", "CA", "SOURCE", "NOT AFTER", "PHASE", "SINCE", "NEXT", "PREVIOUS", "RETIRE AFTER",
               "CRL", "REVOKED")

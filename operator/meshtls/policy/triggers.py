@@ -17,10 +17,11 @@ from meshtls.api.constants import ANNOTATION_RENEW, ANNOTATION_REVOKE
 from meshtls.api.durations import format_duration
 from meshtls.api.model import EffectiveIdentity
 from meshtls.api.objects import SecretSnapshot
-from meshtls.lifecycle.certificate import SecretCertificate, authority_key_id, dns_names_of, read_secret_certificate
-from meshtls.lifecycle.renewal import JITTER_FRACTION, reissue_floor, scheduled_renewal
+from meshtls.api.reasons import Reason
 from meshtls.pki import PKIError, load_certificates, svid_spiffe_id
 from meshtls.pki.ca import signed_by
+from meshtls.policy.certificate import SecretCertificate, authority_key_id, dns_names_of, read_secret_certificate
+from meshtls.policy.renewal import JITTER_FRACTION, reissue_floor, scheduled_renewal
 
 ANNOTATION_RENEWAL_TIME = "meshtls.dev/renewal-time"  # for people and tools; decisions recompute it from the spec
 ANNOTATION_ISSUED_AT = "meshtls.dev/issued-at"
@@ -62,22 +63,23 @@ Trigger = Callable[[IdentityState], tuple[str, str] | None]
 def revocation_requested(s: IdentityState) -> tuple[str, str] | None:
     reason = s.annotations.get(ANNOTATION_REVOKE)
     if reason is not None:
-        return "RevokeRequested", f"revocation requested ({reason or 'unspecified'}): revoke and re-issue"
+        return Reason.REVOKE_REQUESTED, f"revocation requested ({reason or 'unspecified'}): revoke and re-issue"
     return None
 
 
 def secret_does_not_exist(s: IdentityState) -> tuple[str, str] | None:
     if not s.secret.exists:
         if s.issued_secret_name and s.issued_secret_name != s.identity.spec.secret_name:
-            return "SpecChanged", f"secretName changed from {s.issued_secret_name} to {s.identity.spec.secret_name}"
-        return "SecretMissing", f"Secret {s.identity.spec.secret_name} does not exist"
+            return Reason.SPEC_CHANGED, (f"secretName changed from {s.issued_secret_name} to "
+                                         f"{s.identity.spec.secret_name}")
+        return Reason.SECRET_MISSING, f"Secret {s.identity.spec.secret_name} does not exist"
     return None
 
 
 def secret_is_unusable(s: IdentityState) -> tuple[str, str] | None:
     problem = s.certificate().problem
     if problem:
-        return "SecretInvalid", f"Secret {s.identity.spec.secret_name} is unusable: {problem}"
+        return Reason.SECRET_INVALID, f"Secret {s.identity.spec.secret_name} is unusable: {problem}"
     return None
 
 
@@ -90,23 +92,24 @@ def certificate_not_issued_here(s: IdentityState) -> tuple[str, str] | None:
     if s.issued_spiffe_id and s.issued_spiffe_id != str(s.identity.spiffe_id):
         return None  # the spec moved (service account, trust domain): the SpecChanged check re-issues anyway
     if s.trusted_cas and not any(signed_by(cert, ca) for ca in s.trusted_cas):
-        return "SecretTampered", f"Secret {name}: tls.crt is not signed by trust domain {s.identity.trust_domain}"
+        return Reason.SECRET_TAMPERED, f"Secret {name}: tls.crt is not signed by trust domain {s.identity.trust_domain}"
     if s.trusted_roots:
         try:
             anchors = load_certificates(s.secret.data["ca.crt"], "ca.crt")
         except PKIError as exc:
-            return "SecretTampered", f"Secret {name}: {exc}"
+            return Reason.SECRET_TAMPERED, f"Secret {name}: {exc}"
         if any(a.public_bytes(serialization.Encoding.DER) not in s.trusted_roots for a in anchors):
-            return "SecretTampered", f"Secret {name}: ca.crt carries a CA that trust domain " \
+            return Reason.SECRET_TAMPERED, f"Secret {name}: ca.crt carries a CA that trust domain " \
                                      f"{s.identity.trust_domain} does not trust"
     have = str(svid_spiffe_id(cert))
     if s.issued_spiffe_id and have not in (s.issued_spiffe_id, str(s.identity.spiffe_id)):
-        return "SecretTampered", f"Secret {name}: tls.crt is for {have}, meshtls issued it for {s.issued_spiffe_id}"
+        return Reason.SECRET_TAMPERED, (f"Secret {name}: tls.crt is for {have}, meshtls issued it for "
+                                        f"{s.issued_spiffe_id}")
     serial = s.certificate().serial
     if s.issued_serial and serial != s.issued_serial:
         older = s.issued_not_before is not None and cert.not_valid_before_utc < s.issued_not_before
         if serial in s.issued_serials or older:  # a newer one is ours, written just before a crash
-            return "SecretTampered", f"Secret {name}: tls.crt carries serial {serial}, the current one is " \
+            return Reason.SECRET_TAMPERED, f"Secret {name}: tls.crt carries serial {serial}, the current one is " \
                                      f"{s.issued_serial}"
     return None
 
@@ -116,7 +119,7 @@ def spiffe_id_differs(s: IdentityState) -> tuple[str, str] | None:
     assert cert is not None
     have = svid_spiffe_id(cert)
     if have != s.identity.spiffe_id:
-        return "SpecChanged", f"certificate is for {have}, the identity is {s.identity.spiffe_id}"
+        return Reason.SPEC_CHANGED, f"certificate is for {have}, the identity is {s.identity.spiffe_id}"
     return None
 
 
@@ -124,14 +127,14 @@ def dns_names_differ(s: IdentityState) -> tuple[str, str] | None:
     cert = s.certificate().certificate
     assert cert is not None
     if sorted(dns_names_of(cert)) != sorted(s.identity.spec.dns_names):
-        return "SpecChanged", "dnsNames changed"
+        return Reason.SPEC_CHANGED, "dnsNames changed"
     return None
 
 
 def key_algorithm_differs(s: IdentityState) -> tuple[str, str] | None:
     have = s.certificate().key_algorithm
     if have != s.identity.key_algorithm:
-        return "SpecChanged", f"key algorithm is {have}, spec wants {s.identity.key_algorithm}"
+        return Reason.SPEC_CHANGED, f"key algorithm is {have}, spec wants {s.identity.key_algorithm}"
     return None
 
 
@@ -139,7 +142,7 @@ def issuer_changed(s: IdentityState) -> tuple[str, str] | None:
     cert = s.certificate().certificate
     assert cert is not None
     if authority_key_id(cert) != s.ca_key_id:
-        return "CAChanged", "certificate was signed by another CA than the one signing now"
+        return Reason.CA_CHANGED, "certificate was signed by another CA than the one signing now"
     return None
 
 
@@ -149,14 +152,14 @@ def ttl_differs(s: IdentityState) -> tuple[str, str] | None:
     # A lifetime cut short by the CA's own expiry is expected, not a spec change.
     expected = min(_issued_at(s) + s.identity.ttl, s.ca_not_after)
     if abs(cert.not_valid_after_utc - expected) > dt.timedelta(seconds=2):
-        return "SpecChanged", f"ttl changed to {format_duration(s.identity.ttl)}"
+        return Reason.SPEC_CHANGED, f"ttl changed to {format_duration(s.identity.ttl)}"
     return None
 
 
 def renew_requested(s: IdentityState) -> tuple[str, str] | None:
     request = s.annotations.get(ANNOTATION_RENEW)
     if request and request != s.handled_renew_request:
-        return "RenewRequested", "renewal requested"
+        return Reason.RENEW_REQUESTED, "renewal requested"
     return None
 
 
@@ -164,7 +167,7 @@ def certificate_expired(s: IdentityState) -> tuple[str, str] | None:
     cert = s.certificate().certificate
     assert cert is not None
     if s.now >= cert.not_valid_after_utc:
-        return "Expired", f"certificate expired at {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
+        return Reason.EXPIRED, f"certificate expired at {cert.not_valid_after_utc:%Y-%m-%dT%H:%M:%SZ}"
     return None
 
 
@@ -173,7 +176,7 @@ def renewal_due(s: IdentityState) -> tuple[str, str] | None:
     if s.now >= due:
         late = s.now - due
         suffix = f", {format_duration(late)} overdue" if late > dt.timedelta(seconds=5) else ""
-        return "RenewalDue", f"renewal time {due:%H:%M:%S} reached{suffix}"
+        return Reason.RENEWAL_DUE, f"renewal time {due:%H:%M:%S} reached{suffix}"
     return None
 
 
@@ -270,14 +273,14 @@ class Decision:
 # What may re-issue sooner than the floor: a user's request, a repair of what someone broke, a new signing CA.
 # A spec change counts only for a generation the certificate was not yet issued for: a check that keeps firing
 # for the same spec is a loop, and the floor stops it.
-EXPLICIT_OR_REPAIR = frozenset({"RevokeRequested", "RenewRequested", "SecretMissing", "SecretInvalid",
-                                "SecretTampered", "CAChanged"})
+EXPLICIT_OR_REPAIR = frozenset({Reason.REVOKE_REQUESTED, Reason.RENEW_REQUESTED, Reason.SECRET_MISSING,
+                                Reason.SECRET_INVALID, Reason.SECRET_TAMPERED, Reason.CA_CHANGED})
 
 
 def _bypasses_floor(s: IdentityState, reason: str) -> bool:
     if reason in EXPLICIT_OR_REPAIR:
         return True
-    if reason == "SpecChanged":
+    if reason == Reason.SPEC_CHANGED:
         issued_for = s.secret.annotations.get(ANNOTATION_GENERATION)
         return s.generation is None or issued_for != str(s.generation)
     return False
@@ -297,7 +300,7 @@ ISSUE, WAIT, CONFLICT = "issue", "wait", "conflict"
 def decide(state: IdentityState, chain: tuple[Trigger, ...] = DEFAULT_CHAIN) -> Decision:
     """Issue, wait until the renewal time, or refuse: a Secret that is not ours is never overwritten."""
     if state.secret.exists and not state.secret.owned_by(state.uid):
-        return Decision(CONFLICT, "SecretConflict",
+        return Decision(CONFLICT, Reason.SECRET_CONFLICT,
                         f"Secret {state.identity.spec.secret_name} exists and is not owned by this WorkloadIdentity; "
                         "meshtls will not overwrite it: delete it or choose another spec.secretName")
     for trigger in chain:
@@ -307,20 +310,21 @@ def decide(state: IdentityState, chain: tuple[Trigger, ...] = DEFAULT_CHAIN) -> 
             if not _bypasses_floor(state, reason):
                 earliest = floor_time(state)
                 if state.now < earliest:
-                    return Decision(WAIT, "RenewalFloor", f"{message}; held until {earliest:%Y-%m-%dT%H:%M:%SZ} by "
-                                    "the re-issue floor (a tenth of the lifetime, at least 1 s)",
+                    return Decision(WAIT, Reason.RENEWAL_FLOOR,
+                                    f"{message}; held until {earliest:%Y-%m-%dT%H:%M:%SZ} by the re-issue floor "
+                                    "(a tenth of the lifetime, at least 1 s)",
                                     recheck_at=earliest, clamped=True)
             return Decision(ISSUE, reason, message, revoke_current=trigger is revocation_requested,
                             on_schedule=trigger is renewal_due and _on_time(state))
     due, clamped = _schedule(state)
-    return Decision(WAIT, "Ready", f"certificate valid; renewal at {due:%Y-%m-%dT%H:%M:%SZ}", recheck_at=due,
+    return Decision(WAIT, Reason.READY, f"certificate valid; renewal at {due:%Y-%m-%dT%H:%M:%SZ}", recheck_at=due,
                     clamped=clamped)
 
 
 def event_reason(decision: Decision, had_certificate: bool) -> str:
     """The Event reason users watch for: Issued for a first certificate, Repaired after tampering, else Rotated."""
     if not had_certificate:
-        return "Issued"
-    if decision.reason in ("SecretMissing", "SecretInvalid", "SecretTampered"):
-        return "Repaired"
-    return "Rotated"
+        return Reason.ISSUED
+    if decision.reason in (Reason.SECRET_MISSING, Reason.SECRET_INVALID, Reason.SECRET_TAMPERED):
+        return Reason.REPAIRED
+    return Reason.ROTATED

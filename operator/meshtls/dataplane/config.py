@@ -1,6 +1,7 @@
 """The sidecar's configuration: what the operator renders into a ConfigMap and `meshtls-proxy` reads.
 
-One schema, one parser, used on both sides so they can never disagree. Pure: no Kubernetes, no sockets.
+One schema, one parser, used on both sides so they can never disagree. Pure: no Kubernetes, no sockets. Where it
+is mounted and what the mounted volumes hold is `meshtls.dataplane.layout`.
 """
 
 from __future__ import annotations
@@ -11,13 +12,10 @@ from typing import Any
 
 import yaml
 
+from meshtls.dataplane.layout import BUNDLE_DIR, IDENTITY_DIR
 from meshtls.pki.errors import PKIError
 from meshtls.pki.spiffe import parse_spiffe_id
 
-CONFIG_FILE = "proxy.yaml"
-IDENTITY_DIR = "/var/run/meshtls/identity"  # the Secret: tls.crt (leaf+chain), tls.key, ca.crt
-BUNDLE_DIR = "/var/run/meshtls/bundle"  # the trust bundle ConfigMap: ca.crt (all roots), crl.pem
-CONFIG_DIR = "/etc/meshtls"  # this file
 DEFAULT_ADMIN_PORT = 15090
 DEFAULT_RELOAD_INTERVAL = dt.timedelta(seconds=1)
 

@@ -5,16 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from meshtls.api.names import DEFAULT_SIDECAR_IMAGE
+
 SIDECAR_NAME = "meshtls-proxy"
-DEFAULT_IMAGE = "meshtls:0.1.0"
 VOLUME_IDENTITY = "meshtls-identity"
 VOLUME_BUNDLE = "meshtls-bundle"
 VOLUME_CONFIG = "meshtls-config"
-
-
-def sidecar_configmap_name(identity_name: str) -> str:
-    """The ConfigMap holding one identity's rendered proxy.yaml."""
-    return f"{identity_name}-meshtls-proxy"[:253]
 
 
 @dataclass(frozen=True)
@@ -37,7 +33,7 @@ class InjectionTarget:
 
 @dataclass(frozen=True)
 class InjectionOptions:
-    image: str = DEFAULT_IMAGE
+    image: str = DEFAULT_SIDECAR_IMAGE
     image_pull_policy: str = "IfNotPresent"
     cpu_request: str = "10m"
     memory_request: str = "32Mi"

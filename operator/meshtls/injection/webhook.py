@@ -14,32 +14,26 @@ import json
 import logging
 import ssl
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
-from meshtls.api.constants import (
-    DEFAULT_BUNDLE_CONFIGMAP,
-    LABEL_INJECT_NAMESPACE,
-    LABEL_INJECT_POD,
-    LABEL_MANAGED_BY,
-    MANAGED_BY,
-)
+from meshtls.api.constants import LABEL_INJECT_NAMESPACE, LABEL_INJECT_POD, LABEL_MANAGED_BY, MANAGED_BY
+from meshtls.api.model import TrustDomainSpec, parse_trust_domain, parse_workload_identity, resolve_identity
+from meshtls.api.names import WEBHOOK_CONFIGURATION, WEBHOOK_TLS_SECRET
 from meshtls.api.objects import SecretSnapshot
-from meshtls.handlers.settings import OperatorOptions
-from meshtls.handlers.targets import TargetIndex
+from meshtls.injection.admission import Lookup, review_pod_admission
+from meshtls.injection.render import injection_target
+from meshtls.injection.target import InjectionOptions, InjectionTarget
+from meshtls.injection.targets import TargetIndex
 from meshtls.kube import Kube
-from meshtls.lifecycle.clock import Clock
 from meshtls.pki import PKIError, generate_ca, load_ca, load_certificates
 from meshtls.pki.serving import issue_serving_certificate
-from meshtls.sidecar.admission import review_pod_admission
-from meshtls.sidecar.target import InjectionOptions, InjectionTarget, sidecar_configmap_name
+from meshtls.policy.clock import Clock
 
 log = logging.getLogger("meshtls.webhook")
-CONFIGURATION_NAME = "meshtls-injector"
-TLS_SECRET = "meshtls-webhook-tls"
 PATH = "/inject"
 SERVING_TTL = dt.timedelta(days=90)
 RENEW_WITHIN = dt.timedelta(days=30)
@@ -47,7 +41,17 @@ CERTIFICATE_CHECK = dt.timedelta(hours=12)
 SYSTEM_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
 
 
-def webhook_definitions(options: OperatorOptions, ca_bundle: bytes) -> list[dict[str, Any]]:
+class WebhookSettings(Protocol):
+    """What the webhook reads of the operator's settings (meshtls.handlers.settings.OperatorOptions has them)."""
+
+    operator_namespace: str
+    webhook_port: int
+    webhook_host: str
+    webhook_service: str | None
+    webhook_failure_policy: str
+
+
+def webhook_definitions(options: WebhookSettings, ca_bundle: bytes) -> list[dict[str, Any]]:
     """Two webhooks, one per opt-in path (namespace label, pod label): selectors are ANDed within one."""
     if options.webhook_service:
         client_config: dict[str, Any] = {"service": {"name": options.webhook_service,
@@ -82,7 +86,7 @@ def webhook_definitions(options: OperatorOptions, ca_bundle: bytes) -> list[dict
     ]
 
 
-async def ensure_serving_certificate(kube: Kube, clock: Clock, options: OperatorOptions) -> tuple[bytes, bytes, bytes]:
+async def ensure_serving_certificate(kube: Kube, clock: Clock, options: WebhookSettings) -> tuple[bytes, bytes, bytes]:
     """(cert chain, key, CA) for the webhook, kept in a Secret so the caBundle survives restarts."""
     now = clock.now()
     if options.webhook_service:
@@ -92,7 +96,7 @@ async def ensure_serving_certificate(kube: Kube, clock: Clock, options: Operator
         dns, ips = ["localhost"], [options.webhook_host] if _is_ip(options.webhook_host) else []
         if not ips:
             dns = [options.webhook_host, *dns]
-    current = await kube.run(kube.read_secret, options.operator_namespace, TLS_SECRET)
+    current = await kube.run(kube.read_secret, options.operator_namespace, WEBHOOK_TLS_SECRET)
     if current.exists and _still_good(current, now, dns, ips):
         return current.data["tls.crt"], current.data["tls.key"], current.data["ca.crt"]
     try:
@@ -104,7 +108,7 @@ async def ensure_serving_certificate(kube: Kube, clock: Clock, options: Operator
     serving = issue_serving_certificate(ca, dns, ips, now, SERVING_TTL)
     data = {"tls.crt": serving.cert_chain_pem, "tls.key": serving.key_pem, "ca.crt": ca.certificate_pem(),
             "ca.key": ca.key_pem()}
-    await kube.run(kube.write_opaque_secret, options.operator_namespace, TLS_SECRET, data,
+    await kube.run(kube.write_opaque_secret, options.operator_namespace, WEBHOOK_TLS_SECRET, data,
                    {LABEL_MANAGED_BY: MANAGED_BY}, current)
     return serving.cert_chain_pem, serving.key_pem, ca.certificate_pem()
 
@@ -159,7 +163,7 @@ async def _healthz(_: web.Request) -> web.Response:
 
 
 class InjectionWebhook:
-    def __init__(self, kube: Kube, index: TargetIndex, options: OperatorOptions,
+    def __init__(self, kube: Kube, index: TargetIndex, options: WebhookSettings,
                  injection: InjectionOptions, paused: Callable[[], bool] = lambda: False) -> None:
         self.kube = kube
         self.index = index
@@ -189,12 +193,12 @@ class InjectionWebhook:
 
     async def _apply_configuration(self, ca: bytes) -> None:
         try:
-            await self.kube.run(self.kube.apply_mutating_webhook_configuration, CONFIGURATION_NAME,
+            await self.kube.run(self.kube.apply_mutating_webhook_configuration, WEBHOOK_CONFIGURATION,
                                 webhook_definitions(self.options, ca), {LABEL_MANAGED_BY: MANAGED_BY})
         except Exception as exc:  # keep serving: the configuration may be fixed by its owner (helm upgrade)
             log.error("could not write MutatingWebhookConfiguration %s (%s): pods will not be injected until it "
                       "exists with this caBundle; with the Helm chart, run `helm upgrade` to recreate it",
-                      CONFIGURATION_NAME, exc)
+                      WEBHOOK_CONFIGURATION, exc)
 
     async def _keep_certificate_fresh(self, clock: Clock) -> None:
         """The serving certificate lives 90 days; look twice a day, renew within 30 days of expiry."""
@@ -217,9 +221,9 @@ class InjectionWebhook:
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
-        lookup: Callable[[str, str, Mapping[str, str]], list[InjectionTarget]] = self.index.lookup
+        lookup: Lookup = self.index.lookup
         wanted = _pod_service_account(body)
-        if wanted is not None and (self.paused() or not self.index.lookup(*wanted, {})):
+        if wanted is not None and (self.paused() or not self.index.lookup(*wanted)):
             # A miss in memory: this replica may be a paused peer (it watches nothing) or just started.
             # Ask the API rather than admit the pod without its sidecar.
             try:
@@ -228,8 +232,8 @@ class InjectionWebhook:
                 log.warning("identity lookup for %s/%s through the API failed: %s", *wanted, exc)
                 found = []
             if found:
-                def from_api(namespace: str, sa: str, labels: Mapping[str, str]) -> list[InjectionTarget]:
-                    return found if (namespace, sa) == wanted else self.index.lookup(namespace, sa, labels)
+                def from_api(namespace: str, sa: str) -> list[InjectionTarget]:
+                    return found if (namespace, sa) == wanted else self.index.lookup(namespace, sa)
 
                 lookup = from_api
         outcome = review_pod_admission(body, lookup, self.injection)
@@ -240,23 +244,26 @@ class InjectionWebhook:
         return web.json_response(outcome.response, status=outcome.http_status)
 
     async def _targets_from_api(self, namespace: str, service_account: str) -> list[InjectionTarget]:
-        """Targets for (namespace, ServiceAccount) from the identities' status, as the acting replica wrote it."""
+        """Targets for (namespace, ServiceAccount) from the identities Ready under the trust domain their status
+        names, parsed and resolved as the acting replica did."""
         out = []
         for body in await self.kube.run(self.kube.list_workload_identities, namespace):
-            spec, status = body.get("spec") or {}, body.get("status") or {}
+            status = body.get("status") or {}
             ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions", []))
-            if spec.get("serviceAccountName") != service_account or not ready or not (
-                    spec.get("inbound") or spec.get("outbound")):
+            try:
+                spec = parse_workload_identity(body)
+                if spec.service_account != service_account or not ready or not (spec.inbound or spec.outbound):
+                    continue
+                td_name = str(status.get("trustDomain") or "")
+                td_body = await self.kube.run(self.kube.get_trust_domain, td_name)
+                # deleted since it was Ready: its pods keep the identity's Secret and the default bundle
+                td = parse_trust_domain(td_body) if td_body else TrustDomainSpec(name=td_name)
+                identity = resolve_identity(spec, td)
+            except PKIError as exc:  # not Ready for long: the acting replica reports it on the identity
+                log.debug("identity %s/%s is not injectable: %s", namespace, (body.get("metadata") or {}).get("name"),
+                          exc)
                 continue
-            td = await self.kube.run(self.kube.get_trust_domain, status.get("trustDomain", ""))
-            name = body["metadata"]["name"]
-            out.append(InjectionTarget(
-                identity_name=name, service_account=service_account, spiffe_id=status["spiffeID"],
-                secret_name=spec.get("secretName") or f"{name}-mtls", config_map=sidecar_configmap_name(name),
-                bundle_config_map=((td or {}).get("spec", {}).get("bundle") or {}).get("configMapName")
-                or DEFAULT_BUNDLE_CONFIGMAP,
-                pod_selector=dict((spec.get("podSelector") or {}).get("matchLabels") or {}),
-                inbound_ports=tuple(int(r["port"]) for r in spec.get("inbound") or ())))
+            out.append(injection_target(identity, td.bundle_configmap))
         return out
 
     async def _post_event(self, body: bytes, reason: str, message: str) -> None:

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from meshtls.api.constants import LABEL_INJECT_POD
-from meshtls.sidecar.inject import (
+from meshtls.api.reasons import Reason
+from meshtls.injection.inject import (
     ALREADY_INJECTED,
     PodShapeError,
     build_injection_patch,
@@ -28,19 +29,17 @@ from meshtls.sidecar.inject import (
     pod_metadata,
     pod_service_account,
 )
-from meshtls.sidecar.target import InjectionOptions, InjectionTarget
+from meshtls.injection.target import InjectionOptions, InjectionTarget
 
 API_VERSION = "admission.k8s.io/v1"
 KIND = "AdmissionReview"
 MAX_BODY = 3 * 1024 * 1024
-REASON_IDENTITY_NOT_FOUND = "IdentityNotFound"
-REASON_IDENTITY_AMBIGUOUS = "IdentityAmbiguous"
 # The API server may truncate a warning over 256 characters and drops them past 4096 in all.
 MAX_WARNING = 256
 MAX_EVENT_MESSAGE = 1024
 MAX_NAMED = 5
 
-Lookup = Callable[[str, str, Mapping[str, str]], list[InjectionTarget]]
+Lookup = Callable[[str, str], list[InjectionTarget]]  # (namespace, serviceAccount) -> candidates
 
 
 @dataclass(frozen=True)
@@ -151,7 +150,7 @@ def _decide(uid: str, request: Mapping[str, Any], lookup: Lookup, options: Injec
     namespace = _namespace(request, pod)
     service_account = pod_service_account(pod)
     candidates: list[InjectionTarget] = []
-    for t in lookup(namespace, service_account, dict(labels)) or []:
+    for t in lookup(namespace, service_account) or []:
         # defence in depth: the lookup is filtered already, but a pod never gets another ServiceAccount's identity
         if isinstance(t, InjectionTarget) and t.service_account == service_account and t not in candidates:
             candidates.append(t)
@@ -163,12 +162,12 @@ def _decide(uid: str, request: Mapping[str, Any], lookup: Lookup, options: Injec
                    "pod admitted without a sidecar")
         if candidates:
             message += f" (the podSelector of {_names(candidates)} does not match the pod's labels)"
-        return _allow(uid, [message], event=None if quiet else (REASON_IDENTITY_NOT_FOUND, message))
+        return _allow(uid, [message], event=None if quiet else (Reason.IDENTITY_NOT_FOUND, message))
     if len(matching) > 1:
         message = (f"meshtls: {len(matching)} WorkloadIdentities in {namespace} for ServiceAccount "
                    f"{service_account} select this pod ({_names(matching)}); pod admitted without a sidecar: "
                    "make their podSelectors disjoint")
-        return _allow(uid, [message], event=None if quiet else (REASON_IDENTITY_AMBIGUOUS, message))
+        return _allow(uid, [message], event=None if quiet else (Reason.IDENTITY_AMBIGUOUS, message))
 
     result = build_injection_patch(pod, matching[0], options)
     return _allow(uid, result.warnings, result.patch)

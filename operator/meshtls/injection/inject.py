@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshtls.api.constants import ANNOTATION_INJECTED, ANNOTATION_SPIFFE_ID
-from meshtls.dataplane.layout import BUNDLE_FILE, CRL_FILE
-from meshtls.sidecar.config import BUNDLE_DIR, CONFIG_DIR, CONFIG_FILE, IDENTITY_DIR
-from meshtls.sidecar.target import (
+from meshtls.dataplane.layout import BUNDLE_DIR, BUNDLE_FILE, CONFIG_DIR, CONFIG_FILE, CRL_FILE, IDENTITY_DIR
+from meshtls.injection.target import (
     SIDECAR_NAME,
     VOLUME_BUNDLE,
     VOLUME_CONFIG,

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from meshtls.api.model import EffectiveIdentity, SpecError
-from meshtls.sidecar.config import CONFIG_FILE, InboundRoute, OutboundRoute, SidecarConfig
-from meshtls.sidecar.target import InjectionTarget, sidecar_configmap_name
+from meshtls.api.names import sidecar_configmap_name
+from meshtls.api.reasons import Reason
+from meshtls.dataplane.config import InboundRoute, OutboundRoute, SidecarConfig
+from meshtls.dataplane.layout import CONFIG_FILE
+from meshtls.injection.target import InjectionTarget
 
 
 def render_sidecar_config(identity: EffectiveIdentity) -> SidecarConfig:
@@ -39,7 +42,7 @@ def check_publishable(identity: EffectiveIdentity, text: str) -> None:
     raise SpecError(field, f"the rendered sidecar config is {size} bytes, over the {CONFIGMAP_DATA_LIMIT}-byte "
                            f"ConfigMap limit (allowedPeers {len(spec.allowed_peers)} entries repeated on "
                            f"{len(spec.inbound)} inbound routes, {len(spec.outbound)} outbound): shorten {field}",
-                    reason="SidecarConfigTooLarge")
+                    reason=Reason.SIDECAR_CONFIG_TOO_LARGE)
 
 
 def injection_target(identity: EffectiveIdentity, bundle_config_map: str) -> InjectionTarget:

@@ -19,21 +19,18 @@ from meshtls.api.constants import (
     MANAGED_BY,
 )
 from meshtls.api.model import EffectiveIdentity
-from meshtls.lifecycle.renewal import scheduled_renewal
-from meshtls.lifecycle.triggers import (
+from meshtls.api.names import iso
+from meshtls.pki import CertificateAuthority, IssuedCertificate, issue_svid
+from meshtls.policy.renewal import scheduled_renewal
+from meshtls.policy.triggers import (
     ANNOTATION_GENERATION,
     ANNOTATION_ISSUED_AT,
     ANNOTATION_ON_SCHEDULE,
     ANNOTATION_RENEWAL_TIME,
 )
-from meshtls.pki import CertificateAuthority, IssuedCertificate, issue_svid
 
 # Serials revoked on deletion: every certificate of the identity that has not yet expired.
 MAX_TRACKED_SERIALS = 64
-
-
-def iso(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 @dataclass(frozen=True)

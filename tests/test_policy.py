@@ -9,11 +9,11 @@ import pytest
 from meshtls.api.constants import ANNOTATION_RENEW, ANNOTATION_REVOKE, LABEL_MANAGED_BY, MANAGED_BY
 from meshtls.api.model import TrustDomainSpec, parse_trust_domain, parse_workload_identity, resolve_identity
 from meshtls.api.objects import ABSENT, SecretSnapshot
-from meshtls.lifecycle.clock import FakeClock
-from meshtls.lifecycle.issuance import issue_for, secret_body, tracked_serials
-from meshtls.lifecycle.renewal import JITTER_FRACTION, renewal_time
-from meshtls.lifecycle.triggers import CONFLICT, ISSUE, WAIT, IdentityState, decide, event_reason
 from meshtls.pki import CertificateAuthority, generate_ca
+from meshtls.policy.clock import FakeClock
+from meshtls.policy.issuance import issue_for, secret_body, tracked_serials
+from meshtls.policy.renewal import JITTER_FRACTION, renewal_time
+from meshtls.policy.triggers import CONFLICT, ISSUE, WAIT, IdentityState, decide, event_reason
 
 T0 = dt.datetime(2026, 11, 27, 12, 0, tzinfo=dt.UTC)
 UID = "uid-1"
@@ -204,3 +204,24 @@ def test_only_a_renewal_on_time_keeps_the_narrow_jitter(td_ca: CertificateAuthor
     late = decide(state(wid(), secret, td_ca, T0 + dt.timedelta(minutes=50)))
     assert late.reason == "RenewalDue" and not late.on_schedule
     assert not decide(state(wid(), ABSENT, td_ca, T0)).on_schedule
+
+
+def test_every_rotation_step_is_a_named_action_and_phases_are_named() -> None:
+    """The CA rotation's state machine speaks RotationPhase/RotationAction only (its docstring listed no `warn`)."""
+    import itertools
+
+    from meshtls.policy.ca_rotation import RotationAction, RotationPhase, RotationState, next_rotation_step
+
+    t0 = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    not_after, window, delay = t0 + dt.timedelta(days=365), dt.timedelta(days=100), dt.timedelta(seconds=90)
+    seen = set()
+    for phase, offset, request, waiting, can_generate in itertools.product(
+            RotationPhase, (dt.timedelta(0), dt.timedelta(days=300), dt.timedelta(days=400)), (None, "r1"),
+            (False, True), (False, True)):
+        state = RotationState(phase, t0, t0 + dt.timedelta(days=1) if phase == RotationPhase.ROTATING else None)
+        step = next_rotation_step(state, t0 + offset, not_after, window, delay, request=request,
+                                  replacement_waiting=waiting, can_generate=can_generate)
+        assert isinstance(step.action, RotationAction), step
+        seen.add(step.action)
+    assert seen == set(RotationAction)
+    assert RotationState.from_json(RotationState(RotationPhase.PREPARING, t0).to_json()).phase == "Preparing"

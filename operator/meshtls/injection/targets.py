@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from meshtls.sidecar.target import InjectionTarget
+from meshtls.injection.target import InjectionTarget
 
 
 class TargetIndex:
@@ -24,7 +24,8 @@ class TargetIndex:
         if where is not None:
             self._by_sa.get(where, {}).pop(identity_name, None)
 
-    def lookup(self, namespace: str, service_account: str, labels: Mapping[str, str]) -> list[InjectionTarget]:
+    def lookup(self, namespace: str, service_account: str) -> list[InjectionTarget]:
+        """Every sidecar identity of the ServiceAccount: admission picks the one whose podSelector matches."""
         return list(self._by_sa.get((namespace, service_account), {}).values())
 
 
