@@ -293,8 +293,8 @@ def test_install_creates_every_object_and_uninstall_removes_them(
 def test_webhook_template_matches_what_the_operator_writes(cluster: Cluster, tmp_path: Path) -> None:
     """The operator replaces the configuration's webhooks at every start: the chart must render the same ones (less
     the caBundle), or Helm and the operator would rewrite each other's selectors."""
-    from meshtls.handlers.settings import OperatorOptions
     from meshtls.injection.webhook import webhook_definitions
+    from meshtls.operator.settings import OperatorOptions
 
     for policy in ("Ignore", "Fail"):
         values = write_values(tmp_path / "values.yaml", {"webhook": {"failurePolicy": policy}})

@@ -13,7 +13,7 @@ from meshtls.api.constants import ANNOTATION_ROTATE_CA, DEFAULT_BUNDLE_CONFIGMAP
 from meshtls.api.model import parse_workload_identity
 from meshtls.cli.commands.cluster import bundle_name_of
 from meshtls.cli.views.identities import secret_name_of
-from meshtls.handlers import trust
+from meshtls.controller import trust
 from meshtls.kube.client import NotFound
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "meshtls"

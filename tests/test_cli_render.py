@@ -477,7 +477,7 @@ def test_every_cluster_command_takes_kubeconfig_context_and_output() -> None:
 def test_dashboard_uses_only_metrics_that_are_exported() -> None:
     import re
 
-    from meshtls.handlers import metrics
+    from meshtls.controller import metrics
     from meshtls.proxy.admin import Gauges, Stats, render_metrics
 
     stats = Stats()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 
-from meshtls.handlers.scheduler import Key, RenewalScheduler
+from meshtls.controller.scheduler import Key, RenewalScheduler
 from meshtls.injection.target import InjectionTarget
 from meshtls.injection.targets import TargetIndex
 from meshtls.policy.ca_rotation import PREPARING, ROTATING, STABLE, RotationState, next_rotation_step

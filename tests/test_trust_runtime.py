@@ -14,7 +14,7 @@ import pytest
 
 from meshtls.api.constants import ANNOTATION_TRUST_DOMAINS, LABEL_MANAGED_BY, MANAGED_BY
 from meshtls.api.objects import ABSENT, SecretSnapshot
-from meshtls.handlers.trust import TrustDomainError, TrustDomains, state_secret_name
+from meshtls.controller.trust import TrustDomainError, TrustDomains, state_secret_name
 from meshtls.kube.client import Conflict, NotFound
 from meshtls.pki import certificates_pem, generate_ca, load_certificates, load_crls
 from meshtls.policy.clock import FakeClock

@@ -9,11 +9,11 @@ from collections.abc import Callable
 from typing import Any
 
 from meshtls.api.model import TrustDomainSpec, parse_trust_domain, parse_workload_identity, resolve_identity
-from meshtls.handlers.settings import OperatorOptions
 from meshtls.injection.render import injection_target
 from meshtls.injection.target import InjectionOptions, InjectionTarget
 from meshtls.injection.targets import TargetIndex
 from meshtls.injection.webhook import InjectionWebhook
+from meshtls.operator.settings import OperatorOptions
 
 NAMESPACE = "shop"
 

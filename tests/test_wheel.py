@@ -85,7 +85,7 @@ def test_wheel_has_the_package_and_both_entry_points(wheel: Path) -> None:
         names = z.namelist()
         entry_points = next(z.read(n).decode() for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "meshtls/py.typed" in names
-    for module in ("cli/main.py", "handlers/kopf_handlers.py", "proxy/main.py", "pki/ca.py", "kube/client.py"):
+    for module in ("cli/main.py", "operator/handlers.py", "proxy/main.py", "pki/ca.py", "kube/client.py"):
         assert f"meshtls/{module}" in names, module
     assert not [n for n in names if n.startswith(("tests/", "e2e/", "operator/")) or "__pycache__" in n]
     assert "meshtls = meshtls.cli.main:main" in entry_points

@@ -42,7 +42,7 @@ SYSTEM_NAMESPACES = ("kube-system", "kube-public", "kube-node-lease")
 
 
 class WebhookSettings(Protocol):
-    """What the webhook reads of the operator's settings (meshtls.handlers.settings.OperatorOptions has them)."""
+    """What the webhook reads of the operator's settings (meshtls.operator.settings.OperatorOptions has them)."""
 
     operator_namespace: str
     webhook_port: int

@@ -35,8 +35,8 @@ def add_operator_command(sub: argparse._SubParsersAction[Parser]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from meshtls.handlers.run import run_operator
-    from meshtls.handlers.settings import OperatorOptions
+    from meshtls.operator.run import run_operator
+    from meshtls.operator.settings import OperatorOptions
 
     for port_name in ("metrics_port", "health_port", "webhook_port"):
         port = getattr(args, port_name)

@@ -7,8 +7,8 @@ import logging
 
 import kopf
 
-from meshtls.handlers.settings import OPTIONS, OperatorOptions
 from meshtls.kube import use_kubeconfig
+from meshtls.operator.settings import OPTIONS, OperatorOptions
 
 
 def run_operator(options: OperatorOptions, verbose: bool = False) -> None:
@@ -17,7 +17,7 @@ def run_operator(options: OperatorOptions, verbose: bool = False) -> None:
         use_kubeconfig(options.kubeconfig)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
     logging.getLogger("urllib3").setLevel(logging.WARNING)
-    import meshtls.handlers.kopf_handlers  # noqa: F401  (registers the handlers)
+    import meshtls.operator.handlers  # noqa: F401  (registers the handlers)
 
     kopf.configure(verbose=verbose)
     asyncio.run(kopf.operator(

@@ -22,21 +22,21 @@ from meshtls.api.constants import (
     VERSION,
     WORKLOAD_IDENTITIES,
 )
-from meshtls.dataplane.layout import CONFIG_FILE
-from meshtls.handlers import metrics
-from meshtls.handlers.reconcile import (
+from meshtls.controller import metrics
+from meshtls.controller.reconcile import (
     Operator,
     follow_peering,
     on_identity_event,
     reconcile_trust_domain,
     trust_domain_gone,
 )
-from meshtls.handlers.settings import OPTIONS
-from meshtls.handlers.trust import RESYNC, TrustDomains
-from meshtls.handlers.trust_watch import follow_trust_secrets, on_bundle_configmap
+from meshtls.controller.trust import RESYNC, TrustDomains
+from meshtls.controller.trust_watch import follow_trust_secrets, on_bundle_configmap
+from meshtls.dataplane.layout import CONFIG_FILE
 from meshtls.injection.target import InjectionOptions
 from meshtls.kube import connect
 from meshtls.kube.queries import default_holder, run_heartbeat
+from meshtls.operator.settings import OPTIONS
 from meshtls.policy.clock import SystemClock
 from meshtls.policy.issuance import secret_digest
 

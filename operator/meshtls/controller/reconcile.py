@@ -32,10 +32,10 @@ from meshtls.api.durations import format_duration
 from meshtls.api.model import EffectiveIdentity, SpecError, parse_workload_identity, resolve_identity
 from meshtls.api.names import sidecar_configmap_name
 from meshtls.api.objects import ABSENT
+from meshtls.controller import metrics
+from meshtls.controller.scheduler import Key, RenewalScheduler
+from meshtls.controller.trust import TrustDomainError, TrustDomainRuntime, TrustDomains
 from meshtls.dataplane.layout import CONFIG_FILE
-from meshtls.handlers import metrics
-from meshtls.handlers.scheduler import Key, RenewalScheduler
-from meshtls.handlers.trust import TrustDomainError, TrustDomainRuntime, TrustDomains
 from meshtls.injection.render import check_publishable, injection_target, render_sidecar_config
 from meshtls.injection.targets import PodSelectionIndex, TargetIndex
 from meshtls.kube import Conflict, Kube

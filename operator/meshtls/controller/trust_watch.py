@@ -5,7 +5,7 @@
   appearing since the trust domain's last load, or its CA state Secret gone while the CA is held in memory,
   reconciles the trust domain at once (a deleted state is written back from memory, never a new CA).
 - The bundle ConfigMaps meshtls published (label meshtls.dev/bundle=true) are watched by kopf
-  (`kopf_handlers.bundle_configmap_event`): deleted or edited ones are restored, judged by content.
+  (`operator.handlers.bundle_configmap_event`): deleted or edited ones are restored, judged by content.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from meshtls.handlers.reconcile import TRUST_DOMAIN_KEY, Operator
-from meshtls.handlers.trust import state_secret_name
+from meshtls.controller.reconcile import TRUST_DOMAIN_KEY, Operator
+from meshtls.controller.trust import state_secret_name
 
 log = logging.getLogger("meshtls.trust")
 SECRET_POLL = 2.0  # seconds between looks at the Secrets trust domains read

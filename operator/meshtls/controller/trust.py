@@ -31,7 +31,7 @@ from meshtls.api.constants import (
 )
 from meshtls.api.model import SpecError, TrustDomainSpec, parse_trust_domain
 from meshtls.api.objects import SecretSnapshot
-from meshtls.handlers import metrics
+from meshtls.controller import metrics
 from meshtls.kube import Conflict, Kube
 from meshtls.kube.client import NotFound
 from meshtls.pki import (
