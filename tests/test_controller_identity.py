@@ -18,7 +18,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from testsupport.fakekube import FakeKube
 
 from meshtls.api.constants import (
+    ANNOTATION_DEFAULT_TRUST_DOMAIN,
     ANNOTATION_OWNER_UID,
+    ANNOTATION_RENEW,
+    ANNOTATION_REVOKE,
     FINALIZER,
     LABEL_MANAGED_BY,
     MANAGED_BY,
@@ -559,3 +562,92 @@ def test_a_secret_snapshot_from_the_fake_is_a_real_secret_snapshot() -> None:
     kube = FakeKube()
     snap = kube.put_secret("ns", "s", {"k": b"v"}, {LABEL_MANAGED_BY: MANAGED_BY}, {ANNOTATION_OWNER_UID: "u"})
     assert isinstance(snap, SecretSnapshot) and snap.owned_by("u") and not snap.owned_by("v")
+
+
+# --- requests and expected conditions users see ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reason", ["keyCompromise", "superseded", "not-a-reason"])
+def test_a_revoke_request_revokes_the_current_serial_reissues_and_clears_the_annotation(reason: str) -> None:
+    kube, clock, op = world()
+
+    async def scenario() -> None:
+        await create(op, kube, identity("web"))
+        old = serial_of(kube, "shop", "web-mtls")
+        clock.advance(dt.timedelta(seconds=5))
+        kube.patch_workload_identity_annotations("shop", "web", {ANNOTATION_REVOKE: reason})
+        await on_identity_event(op, "MODIFIED", stored(kube, "shop", "web"))
+        assert old in revoked_serials(kube, "a.example")
+        assert serial_of(kube, "shop", "web-mtls") != old
+        assert ANNOTATION_REVOKE not in stored(kube, "shop", "web")["metadata"].get("annotations", {})
+        assert kube.reasons("web") == [REASON_ISSUED, REASON_ROTATED]
+        crl = load_crls(kube.configmaps[("shop", BUNDLE)]["data"]["crl.pem"].encode())[0]
+        assert crl.get_revoked_certificate_by_serial_number(int(old, 16)) is not None
+
+    run(scenario())
+
+
+def test_a_renew_request_is_served_once_per_request_id() -> None:
+    kube, clock, op = world()
+
+    async def scenario() -> None:
+        await create(op, kube, identity("web"))
+        serials = [serial_of(kube, "shop", "web-mtls")]
+        for request in ("r1", "r1", "r2"):
+            clock.advance(dt.timedelta(minutes=2))  # past the re-issue floor
+            kube.patch_workload_identity_annotations("shop", "web", {ANNOTATION_RENEW: request})
+            await on_identity_event(op, "MODIFIED", stored(kube, "shop", "web"))
+            await reconcile(op, "shop", "web")
+            serials.append(serial_of(kube, "shop", "web-mtls"))
+        assert serials[1] != serials[0] and serials[2] == serials[1] and serials[3] != serials[2]
+        assert stored(kube, "shop", "web")["status"]["lastRenewRequest"] == "r2"
+        assert kube.reasons("web") == [REASON_ISSUED, REASON_ROTATED, REASON_ROTATED]
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("named", [None, "missing.example"])
+def test_an_identity_without_a_usable_trust_domain_is_reported_once_and_issued_when_it_appears(
+        named: str | None) -> None:
+    kube, clock, op = world("other.example", "third.example")  # two, none default: no choice without a name
+    spec = {"trustDomain": named} if named else {}
+
+    async def scenario() -> None:
+        await create(op, kube, identity("web", **spec))
+        ready = condition(stored(kube, "shop", "web"), "Ready")
+        assert (ready["status"], ready["reason"]) == ("False", "UnknownTrustDomain")
+        assert (named or "other.example, third.example") in ready["message"]
+        assert kube.reasons("web", "Warning") == ["UnknownTrustDomain"]
+        for _ in range(3):  # the retries find the same: no write, no Event
+            await run_until(op, clock, clock.now() + dt.timedelta(seconds=61))
+        assert len(kube.reasons("web")) == 1
+        assert ("shop", "web-mtls") not in kube.secrets
+        kube.trust_domains[named or "other.example"] = trust_domain(named or "other.example")
+        if not named:
+            kube.trust_domains["other.example"]["metadata"]["annotations"][ANNOTATION_DEFAULT_TRUST_DOMAIN] = "true"
+        await run_until(op, clock, clock.now() + dt.timedelta(seconds=61))
+        assert condition(stored(kube, "shop", "web"), "Ready")["reason"] == REASON_ISSUED
+        assert kube.reasons("web")[-1] == REASON_ISSUED
+
+    run(scenario())
+
+
+def test_a_squatted_state_secret_makes_the_trust_domain_unusable_once() -> None:
+    kube, clock, op = world()
+    theirs = kube.put_secret(OPNS, state_secret_name("a.example"), {"ca.crt": b"mine"}, {"team": "x"})
+
+    async def scenario() -> None:
+        for _ in range(3):
+            await reconcile_trust_domain(op, kube.get_trust_domain("a.example") or {})
+            clock.advance(dt.timedelta(seconds=60))
+        status = kube.trust_domains["a.example"]["status"]
+        assert condition({"status": status}, "Ready")["reason"] == "StateSecretConflict"
+        assert condition({"status": status}, "Issuing")["status"] == "False"
+        assert kube.reasons("a.example") == ["StateSecretConflict"]
+        assert kube.count("patch_trust_domain_status") == 1
+        assert kube.secrets[(OPNS, state_secret_name("a.example"))] is theirs
+        await create(op, kube, identity("web", trustDomain="a.example"))
+        assert condition(stored(kube, "shop", "web"), "Ready")["reason"] == "StateSecretConflict"
+        assert ("shop", "web-mtls") not in kube.secrets
+
+    run(scenario())
