@@ -651,3 +651,34 @@ def test_a_squatted_state_secret_makes_the_trust_domain_unusable_once() -> None:
         assert ("shop", "web-mtls") not in kube.secrets
 
     run(scenario())
+
+
+# --- a defect found here: an event's body older than the reconcile that just ran ----------------------------------
+
+
+@pytest.mark.parametrize("edit", ["annotation", "generation", "both"])
+def test_an_event_racing_a_renewal_does_not_repeat_its_event_or_write_a_stale_status(edit: str) -> None:
+    """The renewal timer and a user's edit at the same moment: the edit's event body was read before the renewal
+    recorded its new serial. Catching up from that body posted a second Rotated Event "recorded after an operator
+    restart" (there was none) and wrote the status from the stale copy."""
+    kube, clock, op = world()
+
+    async def scenario() -> None:
+        await create(op, kube, identity("web"))
+        due = op.scheduler.due_at(("shop", "web"))
+        assert due is not None
+        clock.advance(due - clock.now())
+        live = kube.identities[("shop", "web")]["metadata"]
+        if edit in ("annotation", "both"):
+            live["annotations"] = {"team": "payments"}
+        if edit in ("generation", "both"):
+            live["generation"] = 2
+        event_body = stored(kube, "shop", "web")  # what the watch delivers, read before the renewal writes
+        await asyncio.gather(run_due(op), on_identity_event(op, "MODIFIED", event_body))
+        assert kube.reasons("web") == [REASON_ISSUED, REASON_ROTATED]
+        assert not any("operator restart" in e["message"] for e in kube.events)
+        status = stored(kube, "shop", "web")["status"]
+        assert status["serialNumber"] == serial_of(kube, "shop", "web-mtls")
+        assert kube.count("patch_workload_identity_status", "shop", "web") == 2  # issued, rotated: no third
+
+    run(scenario())
