@@ -40,7 +40,7 @@ from meshtls.handlers.reconcile import (
     revoke_on_delete,
 )
 from meshtls.handlers.trust import ANNOTATION_ROTATE_CA, TrustDomains, state_secret_name
-from meshtls.kube.client import ApiError
+from meshtls.kube.client import ApiError, Conflict
 from meshtls.lifecycle.ca_rotation import PREPARING, ROTATING, STABLE
 from meshtls.lifecycle.clock import FakeClock
 from meshtls.pki import load_certificates, load_crls
@@ -680,5 +680,51 @@ def test_an_event_racing_a_renewal_does_not_repeat_its_event_or_write_a_stale_st
         status = stored(kube, "shop", "web")["status"]
         assert status["serialNumber"] == serial_of(kube, "shop", "web-mtls")
         assert kube.count("patch_workload_identity_status", "shop", "web") == 2  # issued, rotated: no third
+
+    run(scenario())
+
+
+# --- write failures on the way ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conflicts", [1, 2, 3])
+def test_a_renewal_whose_write_conflicts_tells_nobody_and_retries_a_second_later(conflicts: int) -> None:
+    kube, clock, op = world()
+
+    async def scenario() -> None:
+        await create(op, kube, identity("web"))
+        serial = serial_of(kube, "shop", "web-mtls")
+        due = op.scheduler.due_at(("shop", "web"))
+        assert due is not None
+        kube.failures["write_secret"] = [Conflict("the object has been modified") for _ in range(conflicts)]
+        clock.advance(due - clock.now())
+        for attempt in range(conflicts):
+            assert await run_due(op) == 1
+            assert serial_of(kube, "shop", "web-mtls") == serial
+            assert kube.reasons("web") == [REASON_ISSUED]  # nothing happened: no Event, no status
+            assert stored(kube, "shop", "web")["status"]["serialNumber"] == serial
+            assert op.scheduler.due_at(("shop", "web")) == clock.now() + SECOND, attempt
+            clock.advance(SECOND)
+        assert await run_due(op) == 1
+        assert serial_of(kube, "shop", "web-mtls") != serial
+        assert kube.reasons("web") == [REASON_ISSUED, REASON_ROTATED]
+
+    run(scenario())
+
+
+def test_a_deletion_in_a_terminating_namespace_releases_the_finalizer_without_retrying() -> None:
+    kube, _clock, op = world()
+
+    async def scenario() -> None:
+        await create(op, kube, identity("web"))
+        await create(op, kube, identity("api", "other"))
+        serial = serial_of(kube, "shop", "web-mtls")
+        kube.terminating.add("shop")
+        await on_identity_event(op, "MODIFIED", kube.delete_identity("shop", "web") or {})
+        assert ("shop", "web") not in kube.identities
+        assert not op.background
+        assert serial in revoked_serials(kube, "a.example")  # still published where it matters
+        crl = load_crls(kube.configmaps[("other", BUNDLE)]["data"]["crl.pem"].encode())[0]
+        assert crl.get_revoked_certificate_by_serial_number(int(serial, 16)) is not None
 
     run(scenario())

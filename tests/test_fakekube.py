@@ -91,3 +91,18 @@ def test_queued_failures_are_raised_once_each() -> None:
     with pytest.raises(ApiError):
         kube.read_secret("ns", "s")
     assert kube.read_secret("ns", "s") is ABSENT
+
+
+def test_a_terminating_namespace_takes_no_new_objects_but_updates_and_deletes() -> None:
+    kube = FakeKube()
+    kube.write_configmap("ns", "c", {"a": "1"}, {}, None)
+    kube.terminating.add("ns")
+    for create in (lambda: kube.write_secret(secret_body("s"), ABSENT),
+                   lambda: kube.write_configmap("ns", "d", {}, {}, None),
+                   lambda: kube.post_event({"namespace": "ns", "name": "x"}, "Normal", "R", "m")):
+        with pytest.raises(ApiError) as refused:
+            create()
+        assert refused.value.status == 403 and "being terminated" in str(refused.value)
+    kube.write_configmap("ns", "c", {"a": "2"}, {}, kube.read_configmap("ns", "c"))
+    kube.delete_configmap("ns", "c", None)
+    assert not kube.namespace_exists("ns") and kube.namespace_exists("elsewhere")

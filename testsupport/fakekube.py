@@ -5,7 +5,8 @@ It answers the calls `handlers.reconcile` and `handlers.trust` make, with the AP
 controller depends on them: every write bumps a resourceVersion; a create over an existing object and a replace
 from a stale read raise `Conflict` (409); a delete with a stale uid precondition raises `Conflict`; a missing
 object reads as None / ABSENT and patches of it raise `NotFound` (404); a JSON-patch `test` that fails raises
-`ApiError(422)`; an object with finalizers is only marked deleted, and goes when its last finalizer does.
+`ApiError(422)`; a create in a namespace in `terminating` raises the API's 403; an object with finalizers is
+only marked deleted, and goes when its last finalizer does.
 
 Every call is recorded in `calls` (method name, arguments) so tests can count writes and check what was read.
 `failures[method]` holds exceptions the next calls of that method raise (one per call), for error paths.
@@ -74,6 +75,12 @@ class FakeKube:
 
     def _next_rv(self) -> str:
         return str(next(self._rv))
+
+    def _creating_in(self, namespace: str) -> None:
+        """A namespace being deleted takes no new objects (updates and deletes still work)."""
+        if namespace in self.terminating:
+            raise ApiError(403, "Forbidden", f"unable to create new content in namespace {namespace} because it is "
+                                             "being terminated")
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         await asyncio.sleep(0)  # the real one runs in a thread: other coroutines get their turn
@@ -210,6 +217,7 @@ class FakeKube:
         if not current.exists:
             if existing is not None:
                 raise Conflict(f"secrets {name!r} already exists")
+            self._creating_in(namespace)
             uid = f"secret-{next(self._uid)}"
         else:
             if existing is None:
@@ -256,6 +264,7 @@ class FakeKube:
         if current is None:
             if existing is not None:
                 raise Conflict(f"configmaps {name!r} already exists")
+            self._creating_in(namespace)
             uid = f"cm-{next(self._uid)}"
         else:
             if existing is None:
@@ -291,8 +300,5 @@ class FakeKube:
     @_recorded
     def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str,
                    component: str = "meshtls-operator") -> None:
-        namespace = involved.get("namespace") or "default"
-        if namespace in self.terminating:
-            raise ApiError(403, "Forbidden", f"unable to create new content in namespace {namespace} because it is "
-                                             "being terminated")
+        self._creating_in(involved.get("namespace") or "default")
         self.events.append({"involved": dict(involved), "type": type_, "reason": reason, "message": message[:1024]})
