@@ -728,3 +728,33 @@ def test_a_deletion_in_a_terminating_namespace_releases_the_finalizer_without_re
         assert crl.get_revoked_certificate_by_serial_number(int(serial, 16)) is not None
 
     run(scenario())
+
+
+@pytest.mark.parametrize("request_annotation", [ANNOTATION_REVOKE, ANNOTATION_RENEW])
+@pytest.mark.parametrize("timing", ["waiting on the lock", "after it finished"])
+def test_a_request_is_served_once_when_its_event_arrives_after_another_reconcile_served_it(
+        request_annotation: str, timing: str) -> None:
+    """A user asks to revoke (or renew); a timer of the same identity (a retry, an overlap re-check) reconciles
+    first and serves the request. The request's own event, read before that, must not serve it again: a second
+    revocation would revoke the replacement certificate too."""
+    kube, clock, op = world()
+
+    async def scenario() -> None:
+        await create(op, kube, identity("web"))
+        clock.advance(dt.timedelta(minutes=10))
+        kube.patch_workload_identity_annotations("shop", "web", {request_annotation: "keyCompromise"})
+        event_body = stored(kube, "shop", "web")
+        op.scheduler.schedule(("shop", "web"), clock.now())
+        if timing == "waiting on the lock":
+            await asyncio.gather(run_due(op), on_identity_event(op, "MODIFIED", event_body))
+        else:
+            await run_due(op)
+            await on_identity_event(op, "MODIFIED", event_body)
+        assert kube.reasons("web") == [REASON_ISSUED, REASON_ROTATED]
+        assert kube.count("write_secret") == 2
+        current = serial_of(kube, "shop", "web-mtls")
+        if request_annotation == ANNOTATION_REVOKE:
+            assert len(revoked_serials(kube, "a.example")) == 1
+            assert current not in revoked_serials(kube, "a.example")  # the replacement stays valid
+
+    run(scenario())

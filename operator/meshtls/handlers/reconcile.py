@@ -335,7 +335,13 @@ async def _retry_deletion(op: Operator, key: Key) -> None:
 
 async def reconcile(op: Operator, namespace: str, name: str, body: dict[str, Any] | None = None) -> None:
     key = (namespace, name)
+    held = op.locks.get(key)
+    waited = held is not None and held.lock.locked()
     async with identity_lock(op, key):
+        if body is not None and (waited or _request_pending(body)):
+            # another reconcile ran while this one waited, or a user's request is about to be served: act on the
+            # object as it is now, not on an event's copy that may predate the writes that served it already
+            body = None
         fresh = body is None  # an event's body may predate a reconcile that ran meanwhile
         if body is None:
             body = await op.kube.run(op.kube.get_workload_identity, namespace, name)
@@ -350,6 +356,14 @@ async def reconcile(op: Operator, namespace: str, name: str, body: dict[str, Any
             # not an error: the namespace is going away with everything in it; its deletion finalizes the identity
             log.info("%s/%s: namespace %s is terminating; not reconciling it any more", namespace, name, namespace)
             op.scheduler.forget(key)
+
+
+def _request_pending(body: dict[str, Any]) -> bool:
+    """A revoke request, or a renew request the status has not recorded as served."""
+    annotations = body["metadata"].get("annotations") or {}
+    renew = annotations.get(ANNOTATION_RENEW)
+    return bool(annotations.get(ANNOTATION_REVOKE)) or bool(
+        renew and renew != (body.get("status") or {}).get("lastRenewRequest"))
 
 
 def _recheck_overlaps(op: Operator, namespace: str, names: set[str]) -> None:
