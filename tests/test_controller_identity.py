@@ -22,6 +22,7 @@ from meshtls.api.constants import (
     ANNOTATION_OWNER_UID,
     ANNOTATION_RENEW,
     ANNOTATION_REVOKE,
+    ANNOTATION_SERIAL,
     FINALIZER,
     LABEL_MANAGED_BY,
     MANAGED_BY,
@@ -756,5 +757,40 @@ def test_a_request_is_served_once_when_its_event_arrives_after_another_reconcile
         if request_annotation == ANNOTATION_REVOKE:
             assert len(revoked_serials(kube, "a.example")) == 1
             assert current not in revoked_serials(kube, "a.example")  # the replacement stays valid
+
+    run(scenario())
+
+
+def test_a_deletion_racing_a_renewal_revokes_both_serials() -> None:
+    """The deletion's event copy was read before the renewal recorded its new serial: the Secret's own certificate
+    goes on the CRL too, so nothing the identity ever held stays valid."""
+    kube, clock, op = world()
+
+    async def scenario() -> None:
+        await create(op, kube, identity("web"))
+        old = serial_of(kube, "shop", "web-mtls")
+        due = op.scheduler.due_at(("shop", "web"))
+        assert due is not None
+        clock.advance(due - clock.now())
+        deleted: list[dict[str, Any]] = []
+        read = kube.get_workload_identity
+
+        def read_then_delete(namespace: str, name: str) -> dict[str, Any] | None:
+            body = read(namespace, name)  # the renewal's read, just before a user deletes the identity
+            deleted.append(kube.delete_identity(namespace, name) or {})
+            kube.get_workload_identity = read  # type: ignore[method-assign]
+            return body
+
+        kube.get_workload_identity = read_then_delete  # type: ignore[method-assign]
+        renewal = asyncio.ensure_future(run_due(op))
+        while not deleted:
+            await asyncio.sleep(0)
+        await on_identity_event(op, "MODIFIED", deleted[0])  # waits on the lock the renewal holds
+        assert await renewal == 1
+        assert kube.count("write_secret") == 2
+        written = [args[0] for name, args in kube.calls if name == "write_secret"]
+        new = written[-1]["metadata"]["annotations"][ANNOTATION_SERIAL]
+        assert new != old and revoked_serials(kube, "a.example") >= {old, new}
+        assert ("shop", "web-mtls") not in kube.secrets and ("shop", "web") not in kube.identities
 
     run(scenario())
