@@ -1,94 +1,25 @@
-"""TrustDomains against an in-memory API with 404/409 semantics (issue #13): the CA is persisted before it signs,
-never minted anew under live certificates, federation degrades without stopping issuance, bundles are merged per
-namespace and ConfigMap name, squatted names are reported, renamed bundles are cleaned up."""
+"""TrustDomains against the shared in-memory API (testsupport.fakekube, 404/409 semantics) (issue #13): the CA is
+persisted before it signs, never minted anew under live certificates, federation degrades without stopping issuance,
+bundles are merged per namespace and ConfigMap name, squatted names are reported, renamed bundles are cleaned up."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import itertools
-from collections.abc import Callable
 from typing import Any
 
 import pytest
+from testsupport.fakekube import FakeKube
 
 from meshtls.api.constants import ANNOTATION_TRUST_DOMAINS, LABEL_MANAGED_BY, MANAGED_BY
-from meshtls.api.objects import ABSENT, SecretSnapshot
+from meshtls.api.objects import SecretSnapshot
 from meshtls.controller.trust import TrustDomainError, TrustDomains, state_secret_name
-from meshtls.kube.client import Conflict, NotFound
+from meshtls.kube.client import Conflict
 from meshtls.pki import certificates_pem, generate_ca, load_certificates, load_crls
 from meshtls.policy.clock import FakeClock
 
 T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
 OPNS = "meshtls-system"
-
-
-class FakeKube:
-    """The calls TrustDomains makes, over dicts; writes guarded by resourceVersion like the API server's."""
-
-    def __init__(self) -> None:
-        self.secrets: dict[tuple[str, str], SecretSnapshot] = {}
-        self.configmaps: dict[tuple[str, str], dict[str, Any]] = {}
-        self.trust_domains: dict[str, dict[str, Any]] = {}
-        self.identities: list[dict[str, Any]] = []
-        self.namespaces: dict[str, dict[str, str]] = {}
-        self.status_writes: list[tuple[str, dict[str, Any]]] = []
-        self.log: list[str] = []
-        self._rv = itertools.count(1)
-
-    async def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        return fn(*args, **kwargs)
-
-    def read_secret(self, namespace: str, name: str) -> SecretSnapshot:
-        return self.secrets.get((namespace, name), ABSENT)
-
-    def write_opaque_secret(self, namespace: str, name: str, data: dict[str, bytes], labels: dict[str, str],
-                            current: SecretSnapshot) -> None:
-        existing = self.secrets.get((namespace, name))
-        if (existing is None) != (not current.exists) or (
-                existing is not None and existing.resource_version != current.resource_version):
-            raise Conflict("changed")
-        self.secrets[(namespace, name)] = SecretSnapshot(True, name, dict(data), dict(labels),
-                                                         resource_version=str(next(self._rv)), uid=name)
-        self.log.append(f"save-state {name}")
-
-    def get_trust_domain(self, name: str) -> dict[str, Any] | None:
-        return self.trust_domains.get(name)
-
-    def list_trust_domains(self) -> list[dict[str, Any]]:
-        return list(self.trust_domains.values())
-
-    def list_workload_identities(self, namespace: str | None = None) -> list[dict[str, Any]]:
-        return list(self.identities)
-
-    def patch_trust_domain_status(self, name: str, status: dict[str, Any]) -> None:
-        if name not in self.trust_domains:
-            raise NotFound(name)
-        self.status_writes.append((name, status))
-        self.trust_domains[name]["status"] = {**self.trust_domains[name].get("status", {}), **status}
-
-    def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
-        cm = self.configmaps.get((namespace, name))
-        return None if cm is None else {**cm, "data": dict(cm["data"])}
-
-    def write_configmap(self, namespace: str, name: str, data: dict[str, str], labels: dict[str, str],
-                        current: dict[str, Any] | None, owner: Any = None,
-                        annotations: dict[str, str] | None = None) -> None:
-        existing = self.configmaps.get((namespace, name))
-        if (existing is None) != (current is None) or (
-                existing is not None and current is not None
-                and existing["resourceVersion"] != current["resourceVersion"]):
-            raise Conflict("changed")
-        self.configmaps[(namespace, name)] = {"data": dict(data), "labels": dict(labels),
-                                              "annotations": dict(annotations or {}), "uid": f"{namespace}/{name}",
-                                              "resourceVersion": str(next(self._rv))}
-
-    def delete_configmap(self, namespace: str, name: str, uid: str | None) -> None:
-        self.configmaps.pop((namespace, name), None)
-
-    def list_namespaces(self, selector: str | None = None) -> list[str]:
-        wanted = dict(p.split("=", 1) for p in (selector or "").split(",") if p)
-        return sorted(n for n, labels in self.namespaces.items() if wanted.items() <= labels.items())
 
 
 def td(name: str, spec: dict[str, Any] | None = None, default: bool = False) -> dict[str, Any]:
@@ -357,7 +288,7 @@ def test_an_unchanged_trust_domain_writes_its_status_once() -> None:
             trust.clock.advance(dt.timedelta(seconds=30))  # type: ignore[attr-defined]
             a, _changes = await trust.ensure(kube.trust_domains["a.example"])
             await trust.write_status(a)
-        assert len(kube.status_writes) == 1
+        assert kube.count("patch_trust_domain_status") == 1
 
     run(scenario())
 

@@ -335,14 +335,21 @@ async def _retry_deletion(op: Operator, key: Key) -> None:
 
 async def reconcile(op: Operator, namespace: str, name: str, body: dict[str, Any] | None = None) -> None:
     key = (namespace, name)
+    held = op.locks.get(key)
+    waited = held is not None and held.lock.locked()
     async with identity_lock(op, key):
+        if body is not None and (waited or _request_pending(body)):
+            # another reconcile ran while this one waited, or a user's request is about to be served: act on the
+            # object as it is now, not on an event's copy that may predate the writes that served it already
+            body = None
+        fresh = body is None  # an event's body may predate a reconcile that ran meanwhile
         if body is None:
             body = await op.kube.run(op.kube.get_workload_identity, namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             op.scheduler.forget(key)
             return
         try:
-            await _reconcile_locked(op, key, body)
+            await _reconcile_locked(op, key, body, fresh=fresh)
         except ApiError as exc:
             if not namespace_terminating(exc.status, str(exc)):
                 raise
@@ -351,13 +358,22 @@ async def reconcile(op: Operator, namespace: str, name: str, body: dict[str, Any
             op.scheduler.forget(key)
 
 
+def _request_pending(body: dict[str, Any]) -> bool:
+    """A revoke request, or a renew request the status has not recorded as served."""
+    annotations = body["metadata"].get("annotations") or {}
+    renew = annotations.get(ANNOTATION_RENEW)
+    return bool(annotations.get(ANNOTATION_REVOKE)) or bool(
+        renew and renew != (body.get("status") or {}).get("lastRenewRequest"))
+
+
 def _recheck_overlaps(op: Operator, namespace: str, names: set[str]) -> None:
     """Identities whose set of overlapping identities changed report it again, soon."""
     for other in names:
         op.scheduler.schedule((namespace, other), op.clock.now())
 
 
-async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any], read_secret: bool = False) -> None:
+async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any], read_secret: bool = False,
+                            fresh: bool = False) -> None:
     namespace, name = key
     status: dict[str, Any] = dict(body.get("status") or {})
     annotations: dict[str, str] = dict(body["metadata"].get("annotations") or {})
@@ -411,8 +427,18 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any], read_s
         await _report_floor(op, body, status, decision.clamped, decision.message if decision.reason ==
                             "RenewalFloor" else _floor_message(identity), now)
         due = iso(secret_renewal_time(state))
-        if (status.get("serialNumber") != state.certificate().serial or not _is_ready(status)
-                or status.get("renewalTime") != due):
+
+        def lags(status: dict[str, Any]) -> bool:
+            return (status.get("serialNumber") != state.certificate().serial or not _is_ready(status)
+                    or status.get("renewalTime") != due)
+
+        if lags(status) and not fresh:
+            # the event's body may be older than a reconcile that just recorded this very Secret (a renewal racing
+            # an edit): catch up from the status as it is now, or the catch-up repeats that reconcile's Event
+            current = await op.kube.run(op.kube.get_workload_identity, namespace, name)
+            if current is not None:
+                body, status = current, dict(current.get("status") or {})
+        if lags(status):
             # status lags the Secret (operator restarted mid-write, recovered from an error, or the renewal point
             # in the spec changed): catch it up, finishing a spec change the restart interrupted
             superseded = superseded_by_spec(status, identity, False, now)
@@ -452,7 +478,7 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any], read_s
     except Conflict:
         # the Secret changed (or exists) since we looked: decide again with what is there now
         if not secret.exists and not read_secret:
-            await _reconcile_locked(op, key, body, read_secret=True)
+            await _reconcile_locked(op, key, body, read_secret=True, fresh=fresh)
         else:
             op.scheduler.schedule(key, op.clock.now() + dt.timedelta(seconds=1))
         return
