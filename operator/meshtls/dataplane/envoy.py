@@ -46,6 +46,9 @@ ADMIN_ADDRESS = "127.0.0.1"
 ECDH_CURVES = ("X25519MLKEM768", "X25519", "P-256")
 TLS_VERSION = "TLSv1_3"  # both minimum and maximum: Envoy's upstream default maximum is TLS 1.2
 CONNECT_TIMEOUT = "10s"  # as meshtls-proxy's CONNECT_TIMEOUT
+# Envoy's cap on open downstream connections (one pod's sidecar; each costs two file descriptors). Without one it warns
+# at every start; meshtls-proxy is bounded only by the process's file limit.
+MAX_DOWNSTREAM_CONNECTIONS = 16384
 ANY_SPIFFE_ID = "spiffe://"  # `*` allows any peer with a SPIFFE ID the bundle vouches for, as meshtls-proxy does
 
 _TYPE = "type.googleapis.com/envoy."
@@ -222,6 +225,11 @@ def render_envoy_bootstrap(config: SidecarConfig, config_dir: str = CONFIG_DIR) 
         "node": {"id": config.spiffe_id, "cluster": config.spiffe_id},
         "admin": {"address": _socket_address(ADMIN_ADDRESS, config.admin_port)},
         "static_resources": {"listeners": listeners, "clusters": list(clusters.values())},
+        "overload_manager": {"resource_monitors": [{
+            "name": "envoy.resource_monitors.global_downstream_max_connections",
+            "typed_config": {"@type": _TYPE + "extensions.resource_monitors.downstream_connections.v3."
+                                              "DownstreamConnectionsConfig",
+                             "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS}}]},
     }
 
 
