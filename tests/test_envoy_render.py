@@ -30,6 +30,7 @@ from meshtls.dataplane.envoy import (
     ENVOY_FILES,
     SDS_BUNDLE_FILE,
     SDS_IDENTITY_FILE,
+    envoy_arguments,
     parse_upstream,
     render_envoy_files,
 )
@@ -97,9 +98,8 @@ def lay_out(root: Path, material: dict[str, bytes], identity_dir: str, bundle_di
 def validate(config_dir: Path) -> str:
     """`envoy --mode validate` on the bootstrap in config_dir: exit 0, "OK", and not one warning (a rejected SDS
     file is only a warning there, so the warning lines are what catch a bad SDS file)."""
-    result = subprocess.run([str(envoy_binary()), "--mode", "validate", "-c", str(config_dir / ENVOY_CONFIG_FILE),
-                             "--reject-unknown-dynamic-fields", "-l", "warning"],
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run([str(envoy_binary()), "--mode", "validate", *envoy_arguments(str(config_dir)),
+                             "-l", "warning"], capture_output=True, text=True, timeout=60)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
     assert "OK" in result.stdout, output

@@ -13,16 +13,15 @@ import urllib.request
 from pathlib import Path
 from types import TracebackType
 
-from meshtls.dataplane.envoy import ENVOY_CONFIG_FILE, render_envoy_files
+from meshtls.dataplane.envoy import envoy_arguments, render_envoy_files
 from meshtls.proxy.envoy_bin import envoy_binary
 from meshtls.sidecar.config import SidecarConfig
 from testsupport.kubelet import write_atomic_volume
 
 
-def envoy_command(bootstrap: Path) -> list[str]:
-    # no hot restart: no shared memory, so several Envoys run side by side (and a pod's filesystem stays read-only)
-    return [str(envoy_binary()), "-c", str(bootstrap), "--disable-hot-restart", "--concurrency", "1",
-            "--reject-unknown-dynamic-fields", "-l", "warning"]
+def envoy_command(config_dir: Path) -> list[str]:
+    """The sidecar's own command line (without hot restart, several Envoys run side by side here too)."""
+    return [str(envoy_binary()), *envoy_arguments(str(config_dir)), "-l", "warning"]
 
 
 class EnvoyProcess:
@@ -48,7 +47,7 @@ class EnvoyProcess:
 
     def start(self, timeout: float = 20.0) -> EnvoyProcess:
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen(envoy_command(self.config_dir / ENVOY_CONFIG_FILE), stdout=log,
+            self.proc = subprocess.Popen(envoy_command(self.config_dir), stdout=log,
                                          stderr=subprocess.STDOUT)
         self.wait_ready(timeout)
         return self

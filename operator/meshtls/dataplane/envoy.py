@@ -265,6 +265,14 @@ def render_bundle_secret(config: SidecarConfig) -> dict[str, Any]:
     }]}
 
 
+def envoy_arguments(config_dir: str = CONFIG_DIR) -> list[str]:
+    """Envoy's command-line flags in the sidecar (after the binary's path): no hot restart (it needs shared memory
+    and a writable /dev/shm; a pod restarts the container instead), one worker thread (a sidecar's share of the
+    node), and an SDS file with an unknown field rejected rather than half-applied."""
+    return ["-c", f"{config_dir}/{ENVOY_CONFIG_FILE}", "--disable-hot-restart", "--concurrency", "1",
+            "--reject-unknown-dynamic-fields"]
+
+
 def _dump(document: dict[str, Any]) -> str:
     return yaml.safe_dump(document, sort_keys=False, width=120)
 
