@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from testsupport.envoy import EnvoyProcess
-from testsupport.proxymesh import TcpApp, Workload, echo, free_ports, refused, roundtrip
+from testsupport.proxymesh import ProxyThread, TcpApp, Workload, echo, free_ports, refused, roundtrip, running
 
 from meshtls.dataplane.layout import CERT_FILE, KEY_FILE
 from meshtls.pki import CertificateAuthority
@@ -184,3 +184,44 @@ def test_serving_check_can_fail(tmp_path: Path, ca: CertificateAuthority, other_
         problems = serving_problems(envoy, 1)
         assert any(".update_rejected=" in p for p in problems), problems
         assert any("KEY_VALUES_MISMATCH" in p for p in problems), problems
+
+
+def test_open_connection_outlives_revocation(pair: tuple[Workload, Workload, EnvoyProcess, EnvoyProcess, int, int]
+                                             ) -> None:
+    """Parity, written down (issue #15): Envoy refuses new handshakes of a revoked certificate but leaves a
+    connection opened before the CRL swap alone; meshtls-proxy cuts it. When this fails, Envoy closed the gap."""
+    server, client, _, _, _, outbound = pair
+    with socket.create_connection(("127.0.0.1", outbound), timeout=5) as open_conn:
+        open_conn.sendall(b"before")
+        assert open_conn.recv(100) == b"before"
+        server.revoke(client.cert)
+        wait_until(lambda: refused(outbound), 10, "the revoked client refused")
+        open_conn.sendall(b"after")
+        assert open_conn.recv(100) == b"after"
+
+
+@pytest.mark.parametrize("envoy_side", ["server", "client"])
+def test_envoy_and_meshtls_proxy_interoperate(envoy_side: str, tmp_path: Path, ca: CertificateAuthority) -> None:
+    """Mixed pairs: each rendering of the one model talks to the other; the group falls back to a classical one
+    unless this Python's OpenSSL has ML-KEM (3.5 and later)."""
+    server, client = Workload("backend", tmp_path, ca), Workload("frontend", tmp_path, ca)
+    app = TcpApp(echo)
+    inbound, outbound = free_ports(2)
+    server_config = server.config(inbound=[{"port": inbound, "appPort": app.port,
+                                            "allow": ["spiffe://example.org/ns/default/sa/*"]}])
+    client_config = client.config(outbound=[{"listenPort": outbound, "address": f"127.0.0.1:{inbound}",
+                                             "peer": server.spiffe_id}])
+    envoy_config, proxy_config = (server_config, client_config) if envoy_side == "server" else (client_config,
+                                                                                                 server_config)
+    envoy = EnvoyProcess(parse_sidecar_config(envoy_config), tmp_path / "envoy-config", f"envoy-{envoy_side}")
+    try:
+        with envoy, running(ProxyThread(proxy_config, "meshtls-proxy")):
+            for i in range(5):
+                assert roundtrip(outbound, b"mixed %d" % i) == b"mixed %d" % i
+            prefix = f"listener.0.0.0.0_{inbound}.ssl" if envoy_side == "server" else f"cluster.outbound_{outbound}.ssl"
+            curves = {k.rsplit(".", 1)[1]: v for k, v in envoy.stats().items() if k.startswith(f"{prefix}.curves.")
+                      and v}
+            expected = "X25519MLKEM768" if ssl.OPENSSL_VERSION_INFO >= (3, 5) else "X25519"
+            assert curves == {expected: 5}, curves
+    finally:
+        app.close()
