@@ -290,8 +290,9 @@ def sidecar_configs(draw: st.DrawFn) -> SidecarConfig:
     admin, *rest = ports
     n_in = draw(st.integers(0, len(rest) // 2))
     listen, apps, outs = rest[:n_in], rest[n_in:2 * n_in], rest[2 * n_in:]
-    allow = tuple(draw(st.lists(_pattern, max_size=6)))
-    inbound = tuple(InboundRoute(p, a, allow) for p, a in zip(listen, apps, strict=True))
+    shared = tuple(draw(st.lists(_pattern, max_size=6)))  # the operator renders one allow-list for every route
+    inbound = tuple(InboundRoute(p, a, draw(st.one_of(st.just(shared), st.lists(_pattern, max_size=4).map(tuple))))
+                    for p, a in zip(listen, apps, strict=True))
     outbound = tuple(OutboundRoute(p, f"{draw(_host)}:{draw(st.integers(1, 65535))}", draw(_pattern)) for p in outs)
     return SidecarConfig(spiffe_id=draw(_spiffe_id), inbound=inbound, outbound=outbound, admin_port=admin)
 
