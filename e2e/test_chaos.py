@@ -623,7 +623,9 @@ def test_peered_replicas_one_acts_and_the_other_takes_over_without_double_issuan
             kube.create_identity(ns, "newcomer", {"serviceAccountName": "newcomer", **spec})
             wait_for("the standby to issue the newcomer", lambda: ready_and_verifies(kube, ns, "newcomer"), 45)
             takeover = time.monotonic() - killed
-            assert ("newcomer", "Issued") in acted(low, ns, low_offset)
+            # the status says Ready a moment before the replica logs the issuance (Event first, then the log line)
+            wait_for("the standby's log to show it issued the newcomer",
+                     lambda: ("newcomer", "Issued") in acted(low, ns, low_offset), 5)
             assert "Resuming operations after the pause" in low.log_path.read_text(errors="replace")
             wait_for("2 rotations by the replica that took over",
                      lambda: len(observer.secret_history[(ns, "fast")]) >= before_kill + 2, 60, interval=0.5)
