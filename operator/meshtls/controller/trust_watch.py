@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from meshtls.controller.reconcile import TRUST_DOMAIN_KEY, Operator
+from meshtls.controller.runtime import TRUST_DOMAIN_KEY, Operator
 from meshtls.controller.trust import state_secret_name
 
 log = logging.getLogger("meshtls.trust")

@@ -1,4 +1,4 @@
-"""What reacts to what: kopf decorators only. The work lives in `reconcile` and `trust`."""
+"""What reacts to what: kopf decorators only. The work lives in `meshtls.controller`."""
 
 from __future__ import annotations
 
@@ -23,14 +23,10 @@ from meshtls.api.constants import (
     WORKLOAD_IDENTITIES,
 )
 from meshtls.controller import metrics
-from meshtls.controller.reconcile import (
-    Operator,
-    follow_peering,
-    on_identity_event,
-    reconcile_trust_domain,
-    trust_domain_gone,
-)
+from meshtls.controller.identity import on_identity_event
+from meshtls.controller.runtime import Operator, follow_peering
 from meshtls.controller.trust import RESYNC, TrustDomains
+from meshtls.controller.trust_domains import reconcile_trust_domain, trust_domain_gone
 from meshtls.controller.trust_watch import follow_trust_secrets, on_bundle_configmap
 from meshtls.dataplane.layout import CONFIG_FILE
 from meshtls.injection.target import InjectionOptions
