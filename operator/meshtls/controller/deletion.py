@@ -10,7 +10,7 @@ from meshtls.api.constants import LABEL_TRUST_DOMAIN
 from meshtls.controller import metrics
 from meshtls.controller.overlaps import recheck_overlaps
 from meshtls.controller.runtime import Operator, identity_lock
-from meshtls.controller.trust import TrustDomainError, TrustDomainRuntime
+from meshtls.controller.trust.domain import TrustDomainError, TrustDomainRuntime
 from meshtls.pki import RevocationReason, RevokedCertificate, load_certificates
 from meshtls.policy.issuance import revocations_by_issuer
 

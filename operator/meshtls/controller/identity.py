@@ -33,7 +33,7 @@ from meshtls.controller.overlaps import recheck_overlaps, report_overlaps
 from meshtls.controller.runtime import Operator, identity_lock, identity_ref, later
 from meshtls.controller.scheduler import Key
 from meshtls.controller.sidecar_config import publish_sidecar_config
-from meshtls.controller.trust import TrustDomainError, TrustDomainRuntime
+from meshtls.controller.trust.domain import TrustDomainError, TrustDomainRuntime
 from meshtls.kube import Conflict
 from meshtls.kube.client import ApiError
 from meshtls.pki import CertificateAuthority, RevocationReason, RevokedCertificate

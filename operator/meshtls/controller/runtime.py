@@ -13,7 +13,7 @@ from typing import Any
 
 from meshtls.api.constants import API_VERSION, KIND_WORKLOAD_IDENTITY
 from meshtls.controller.scheduler import Key, RenewalScheduler
-from meshtls.controller.trust import TrustDomains
+from meshtls.controller.trust.registry import TrustDomains
 from meshtls.injection.targets import PodSelectionIndex, TargetIndex
 from meshtls.kube import Kube
 from meshtls.kube.client import ApiError

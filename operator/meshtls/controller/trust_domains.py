@@ -9,7 +9,7 @@ from typing import Any
 
 from meshtls.api.constants import API_VERSION, KIND_WORKLOAD_IDENTITY
 from meshtls.controller.runtime import TRUST_DOMAIN_KEY, Operator
-from meshtls.controller.trust import TrustDomainError, TrustDomainRuntime
+from meshtls.controller.trust.domain import TrustDomainError, TrustDomainRuntime
 from meshtls.kube.client import NotFound
 from meshtls.policy.ca_rotation import reissue_delay
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from meshtls.api.names import state_secret_name
 from meshtls.controller.runtime import TRUST_DOMAIN_KEY, Operator
-from meshtls.controller.trust import state_secret_name
 
 log = logging.getLogger("meshtls.trust")
 SECRET_POLL = 2.0  # seconds between looks at the Secrets trust domains read

@@ -25,7 +25,7 @@ from meshtls.api.constants import (
 from meshtls.controller import metrics
 from meshtls.controller.identity import on_identity_event
 from meshtls.controller.runtime import Operator, follow_peering
-from meshtls.controller.trust import RESYNC, TrustDomains
+from meshtls.controller.trust.registry import RESYNC, TrustDomains
 from meshtls.controller.trust_domains import reconcile_trust_domain, trust_domain_gone
 from meshtls.controller.trust_watch import follow_trust_secrets, on_bundle_configmap
 from meshtls.dataplane.layout import CONFIG_FILE
