@@ -7,6 +7,8 @@ import logging
 from typing import Any
 
 from meshtls.api.constants import LABEL_TRUST_DOMAIN
+from meshtls.api.names import default_secret_name
+from meshtls.api.reasons import Reason
 from meshtls.controller import metrics
 from meshtls.controller.overlaps import recheck_overlaps
 from meshtls.controller.runtime import Operator, identity_lock
@@ -28,7 +30,7 @@ async def issuer_for_revocation(op: Operator, name: str | None
         return await op.trust.resolve(None, None), ("", "")
     except TrustDomainError as exc:
         log.info("revoking under trust domain %s: %s", name or "(default)", exc.message)
-        reason = "TrustDomainGone" if exc.reason == "UnknownTrustDomain" else "RevocationSkipped"
+        reason = Reason.TRUST_DOMAIN_GONE if exc.reason == Reason.UNKNOWN_TRUST_DOMAIN else Reason.REVOCATION_SKIPPED
         return None, (reason, exc.message)
 
 
@@ -50,7 +52,7 @@ async def revoke_on_delete(op: Operator, body: dict[str, Any]) -> None:
     async with identity_lock(op, key):
         status = dict(body.get("status") or {})
         spec_td = (body.get("spec") or {}).get("trustDomain") or status.get("trustDomain")
-        secret_name = (body.get("spec") or {}).get("secretName") or f"{name}-mtls"
+        secret_name = (body.get("spec") or {}).get("secretName") or default_secret_name(name)
         secret = await op.kube.run(op.kube.read_secret, namespace, secret_name)
         owned = secret.exists and secret.owned_by(body["metadata"]["uid"])
         now = op.clock.now()
@@ -84,7 +86,7 @@ async def revoke_on_delete(op: Operator, body: dict[str, Any]) -> None:
                     raise  # retried: the serials must reach the CRL before the finalizer goes
                 log.info("%s/%s deleted; trust domain %s was deleted too: no CRL to publish", namespace, name,
                          trust_domain)
-                gone.append(("TrustDomainGone", f"trust domain {trust_domain} was deleted"))
+                gone.append((Reason.TRUST_DOMAIN_GONE, f"trust domain {trust_domain} was deleted"))
                 published.append(f"{listed} not put on any CRL (trust domain {trust_domain} was deleted)")
                 continue
             published.append(f"{listed} on the CRL of {runtime.name} (#{runtime.crl_number})")
@@ -96,7 +98,7 @@ async def revoke_on_delete(op: Operator, body: dict[str, Any]) -> None:
             await op.post_event(body, "Warning", gone[0][0], f"revoked serial(s) {'; '.join(published)}: no CA is "
                                                             f"left to sign a CRL for some; {secret_note}")
         else:
-            await op.post_event(body, "Normal", "Revoked",
+            await op.post_event(body, "Normal", Reason.REVOKED,
                                 f"revoked serial(s) {'; '.join(published) or 'none'}; {secret_note}")
         metrics.forget_identity(namespace, name, str(status.get("spiffeID", "")))
         op.rendered.pop(key, None)

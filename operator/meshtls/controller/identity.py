@@ -26,7 +26,9 @@ from meshtls.api.model import (
     parse_workload_identity,
     resolve_identity,
 )
+from meshtls.api.names import iso
 from meshtls.api.objects import ABSENT
+from meshtls.api.reasons import ConditionType, Reason
 from meshtls.controller import metrics
 from meshtls.controller.deletion import issuer_for_revocation, revoke_on_delete, trust_domain_deleted
 from meshtls.controller.overlaps import recheck_overlaps, report_overlaps
@@ -43,7 +45,6 @@ from meshtls.policy.issuance import (
     condition,
     failed_status,
     floor_condition,
-    iso,
     issue_for,
     issued_status,
     merge_conditions,
@@ -205,7 +206,8 @@ async def _load(op: Operator, key: Key, body: dict[str, Any]) -> _Resolved | Non
     except SpecError as exc:
         await _fail(op, body, status, exc.reason, str(exc))
         # a config too large cannot shrink by itself: the next spec change (an event) tries again
-        retry = RETRY_INVALID if exc.reason in ("SidecarConfigTooLarge", "SidecarConfigRefused") else RETRY_CONFLICT
+        unfit = exc.reason in (Reason.SIDECAR_CONFIG_TOO_LARGE, Reason.SIDECAR_CONFIG_REFUSED)
+        retry = RETRY_INVALID if unfit else RETRY_CONFLICT
         op.scheduler.schedule(key, op.clock.now() + retry)
         return None
     return _Resolved(key, body, status, annotations, spec, runtime, identity)
@@ -240,7 +242,7 @@ async def _confirm(op: Operator, resolved: _Resolved, state: IdentityState, deci
     (namespace, name), body, status, identity = resolved.key, resolved.body, resolved.status, resolved.identity
     now = state.now
     await _report_floor(op, body, status, decision.clamped, decision.message if decision.reason ==
-                        "RenewalFloor" else _floor_message(identity), now)
+                        Reason.RENEWAL_FLOOR else _floor_message(identity), now)
     due = iso(secret_renewal_time(state))
     if (status.get("serialNumber") != state.certificate().serial or not _is_ready(status)
             or status.get("renewalTime") != due):
@@ -252,7 +254,7 @@ async def _confirm(op: Operator, resolved: _Resolved, state: IdentityState, deci
             status, state, decision.message, now, revoked))
         serial, previous = state.certificate().serial, status.get("serialNumber")
         if serial != previous:  # the operator died between the Secret and its Event: nobody was told yet
-            reason = "Rotated" if previous else "Issued"
+            reason = Reason.ROTATED if previous else Reason.ISSUED
             await op.post_event(body, "Normal", reason, f"serial {previous or '-'} -> {serial} (recorded after an "
                                                         "operator restart)")
     assert decision.recheck_at is not None
@@ -284,7 +286,7 @@ async def _issue(op: Operator, resolved: _Resolved, state: IdentityState, decisi
         if exc.status != 422:
             raise
         # the API server refuses the Secret itself (a name or label it cannot take): retrying cannot help
-        await _fail(op, body, status, "InvalidSecret",
+        await _fail(op, body, status, Reason.INVALID_SECRET,
                     f"the API server refused Secret {resolved.spec.secret_name}: {exc}")
         op.scheduler.schedule(resolved.key, op.clock.now() + RETRY_INVALID)
         return None
@@ -303,7 +305,7 @@ async def _issue(op: Operator, resolved: _Resolved, state: IdentityState, decisi
         await op.kube.run(op.kube.patch_workload_identity_annotations, namespace, name, {ANNOTATION_REVOKE: None})
     old = state.certificate().serial if secret.exists else None
     cert = issuance.certificate
-    if reason == "Issued":
+    if reason == Reason.ISSUED:
         metrics.issued.inc()
         message = f"issued {identity.spiffe_id} serial {cert.serial_hex}, expires {cert.not_after:%H:%M:%SZ}"
     else:
@@ -329,7 +331,7 @@ async def _revoke_superseded(op: Operator, body: dict[str, Any], superseded: Sup
     for trust_domain, serials in superseded.serials.items():
         runtime, (why_reason, why) = await issuer_for_revocation(op, trust_domain)
         if runtime is None:
-            if why_reason == "TrustDomainGone":
+            if why_reason == Reason.TRUST_DOMAIN_GONE:
                 # its CA is gone with it: no sidecar trusts those certificates any more, and there is no CRL to publish
                 told.append(f"trust domain {trust_domain} is gone ({why}): {len(serials)} serial(s) need no CRL")
                 done.update(serial for serial, _ in serials)
@@ -360,7 +362,7 @@ async def _revoke_superseded(op: Operator, body: dict[str, Any], superseded: Sup
             told.append(f"Secret {superseded.old_secret_name} deleted")
     message = f"{superseded.reason}: " + ("; ".join(told) or "nothing was left valid")
     log.info("%s/%s Superseded: %s", namespace, name, message)
-    await op.post_event(body, "Normal", "Superseded", message)
+    await op.post_event(body, "Normal", Reason.SUPERSEDED, message)
     return frozenset(done)
 
 
@@ -382,7 +384,7 @@ async def _report_floor(op: Operator, body: dict[str, Any], status: dict[str, An
     await op.kube.run(op.kube.patch_workload_identity_status, meta["namespace"], meta["name"],
                       {"conditions": status["conditions"]})
     if clamped:
-        await op.post_event(body, "Warning", "RenewalFloor", message)
+        await op.post_event(body, "Warning", Reason.RENEWAL_FLOOR, message)
 
 
 def _trusted_roots(cas: list[CertificateAuthority]) -> frozenset[bytes]:
@@ -397,7 +399,8 @@ def _time_or_none(text: str | None) -> dt.datetime | None:
 
 
 def _is_ready(status: dict[str, Any]) -> bool:
-    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return any(c.get("type") == ConditionType.READY and c.get("status") == "True"
+               for c in status.get("conditions") or [])
 
 
 def _record_metrics(namespace: str, name: str, spiffe_id: str, state: IdentityState, due: dt.datetime) -> None:
@@ -427,15 +430,16 @@ def _status_from_secret(status: dict[str, Any], state: IdentityState, message: s
         "renewalTime": iso(secret_renewal_time(state)),
         "activeSerials": active,
         "conditions": merge_conditions(status.get("conditions"), [
-            condition("Ready", True, "Issued", message, now),
-            condition("Issuing", False, "Issued", "certificate is up to date", now),
+            condition(ConditionType.READY, True, Reason.ISSUED, message, now),
+            condition(ConditionType.ISSUING, False, Reason.ISSUED, "certificate is up to date", now),
         ]),
     }
 
 
 async def _fail(op: Operator, body: dict[str, Any], status: dict[str, Any], reason: str, message: str) -> None:
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == "Ready"), {})
+    ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == ConditionType.READY),
+                                 {})
     metrics.failures.labels(reason).inc()
     if ready.get("status") == "False" and ready.get("reason") == reason and ready.get("message") == message:
         return  # already reported: no new Event, no write (a stuck identity must not spin)

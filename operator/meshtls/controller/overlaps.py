@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from meshtls.api.reasons import Reason
 from meshtls.controller.runtime import Operator
 from meshtls.controller.scheduler import Key
 from meshtls.policy.issuance import merge_conditions, overlap_condition
@@ -42,7 +43,7 @@ async def report_overlaps(op: Operator, key: Key, body: dict[str, Any], service_
     status["conditions"] = merge_conditions(status.get("conditions"), [changed])
     await op.kube.run(op.kube.patch_workload_identity_status, key[0], key[1], {"conditions": status["conditions"]})
     if others:
-        await op.post_event(body, "Warning", "Overlapping", changed["message"])
+        await op.post_event(body, "Warning", Reason.OVERLAPPING, changed["message"])
 
 
 def recheck_overlaps(op: Operator, namespace: str, names: set[str]) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 from meshtls.api.constants import LABEL_IDENTITY, LABEL_MANAGED_BY, MANAGED_BY
 from meshtls.api.model import EffectiveIdentity, SpecError
 from meshtls.api.names import sidecar_configmap_name
+from meshtls.api.reasons import Reason
 from meshtls.controller.runtime import Operator, identity_ref
 from meshtls.dataplane.layout import CONFIG_FILE
 from meshtls.injection.render import check_publishable, injection_target, render_sidecar_config
@@ -27,7 +28,8 @@ async def publish_sidecar_config(op: Operator, body: dict[str, Any], identity: E
         name = sidecar_configmap_name(spec.name)
         current = await op.kube.run(op.kube.read_configmap, spec.namespace, name)
         if current is not None and current["labels"].get(LABEL_MANAGED_BY) != MANAGED_BY:
-            raise SpecError("spec", f"ConfigMap {name} exists and is not managed by meshtls", reason="ConfigConflict")
+            raise SpecError("spec", f"ConfigMap {name} exists and is not managed by meshtls",
+                            reason=Reason.CONFIG_CONFLICT)
         labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_IDENTITY: spec.name}
         if current is None or current["data"] != {CONFIG_FILE: text} or any(
                 current["labels"].get(k) != v for k, v in labels.items()):
@@ -39,6 +41,6 @@ async def publish_sidecar_config(op: Operator, body: dict[str, Any], identity: E
                     raise
                 # too large or otherwise refused as a whole: the same write can only fail again
                 raise SpecError("spec", f"the API server refused sidecar ConfigMap {name}: {exc}",
-                                reason="SidecarConfigRefused") from None
+                                reason=Reason.SIDECAR_CONFIG_REFUSED) from None
         op.rendered[key] = text
     op.targets.put(spec.namespace, injection_target(identity, bundle_config_map))

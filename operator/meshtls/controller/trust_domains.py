@@ -8,6 +8,7 @@ import logging
 from typing import Any
 
 from meshtls.api.constants import API_VERSION, KIND_WORKLOAD_IDENTITY
+from meshtls.api.reasons import Reason
 from meshtls.controller.runtime import TRUST_DOMAIN_KEY, Operator
 from meshtls.controller.trust.domain import TrustDomainError, TrustDomainRuntime
 from meshtls.kube.client import NotFound
@@ -87,9 +88,9 @@ async def after_trust_domain_change(op: Operator, runtime: TrustDomainRuntime, c
     for reason, message in op.trust.new_problems(runtime):
         log.warning("trust domain %s: %s: %s", runtime.name, reason, message)
         await op.post_event({**ref, "kind": "TrustDomain"}, "Warning", reason, message)
-        if reason == "BundleConflict":
+        if reason == Reason.BUNDLE_CONFLICT:
             await _warn_identities_of_conflicts(op, runtime)
-    if any(reason == "CARotated" for reason, _ in changes):
+    if any(reason == Reason.CA_ROTATED for reason, _ in changes):
         # every identity re-issues from the new CA, spread so that thousands do not sign in the same second
         spread = min(runtime.spec.policy.default_ttl / 4, MAX_REISSUE_SPREAD)
         now = op.clock.now()
@@ -111,4 +112,4 @@ async def _warn_identities_of_conflicts(op: Operator, runtime: TrustDomainRuntim
         if problem is not None:
             await op.post_event({"apiVersion": API_VERSION, "kind": KIND_WORKLOAD_IDENTITY,
                                  "metadata": {"name": identity, "namespace": namespace}}, "Warning",
-                                "BundleConflict", f"trust domain {runtime.name}: {problem}")
+                                Reason.BUNDLE_CONFLICT, f"trust domain {runtime.name}: {problem}")

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from meshtls.api.constants import ANNOTATION_ROTATE_CA
 from meshtls.api.model import SpecError, TrustDomainSpec, parse_trust_domain
 from meshtls.api.names import state_secret_name
+from meshtls.api.reasons import Reason
 from meshtls.controller import metrics
 from meshtls.controller.trust import bundles, revocation, rotation, status
 from meshtls.controller.trust.domain import BundleKey, IdentitySet, Key, TrustDomainError, TrustDomainRuntime
@@ -125,7 +126,7 @@ class TrustDomains:
             body = await self.kube.run(self.kube.get_trust_domain, name)
             if body is None:
                 self._wait(name, key)
-                raise TrustDomainError("UnknownTrustDomain", f"{where}: TrustDomain {name!r} does not exist")
+                raise TrustDomainError(Reason.UNKNOWN_TRUST_DOMAIN, f"{where}: TrustDomain {name!r} does not exist")
             try:
                 runtime, _ = await self._load_reporting(body)
             except TrustDomainError:
@@ -172,7 +173,7 @@ class TrustDomains:
         self.refs[spec.name] = _references(spec, self.namespace, state_name)
         state = await self.kube.run(self.kube.read_secret, self.namespace, state_name)
         if state.exists and not state.managed:
-            raise TrustDomainError("StateSecretConflict",
+            raise TrustDomainError(Reason.STATE_SECRET_CONFLICT,
                                    f"Secret {self.namespace}/{state_name} exists and is not managed by meshtls")
         brought = await self._load_brought_ca(spec, now) if spec.ca_secret_ref else None
         known = self.domains.get(spec.name)
@@ -183,11 +184,11 @@ class TrustDomains:
             # the state Secret is gone but this process holds the key that signed live certificates: write it back,
             # never mint a new CA under them
             signing, restored = known.ca, True
-            changes.append(("CAStateRestored", f"Secret {self.namespace}/{state_name} was missing: restored CA "
+            changes.append((Reason.CA_STATE_RESTORED, f"Secret {self.namespace}/{state_name} was missing: restored CA "
                                                f"sha256:{signing.fingerprint[:16]} from memory"))
         elif signing is None:
             signing = brought or generate_ca(spec.name, now, spec.ca_validity, spec.ca_key_algorithm)
-            changes.append(("CAReady", f"{'loaded the brought' if brought else 'generated a'} CA "
+            changes.append((Reason.CA_READY, f"{'loaded the brought' if brought else 'generated a'} CA "
                                        f"sha256:{signing.fingerprint[:16]}"))
         if changes:
             log.info("trust domain %s: %s", spec.name, changes[-1][1])
@@ -262,16 +263,17 @@ class TrustDomains:
         secret = await self.kube.run(self.kube.read_secret, self.namespace, ref)
         self.read_versions[(spec.name, ref)] = secret.resource_version if secret.exists else None
         if not secret.exists:
-            raise TrustDomainError("CASecretMissing", f"spec.ca.secretRef: Secret {self.namespace}/{ref} not found")
+            raise TrustDomainError(Reason.CA_SECRET_MISSING,
+                                   f"spec.ca.secretRef: Secret {self.namespace}/{ref} not found")
         cert = secret.data.get("tls.crt") or secret.data.get("ca.crt")
         key = secret.data.get("tls.key") or secret.data.get("ca.key")
         if not cert or not key:
-            raise TrustDomainError("CAInvalid", f"spec.ca.secretRef: Secret {ref} needs tls.crt and tls.key")
+            raise TrustDomainError(Reason.CA_INVALID, f"spec.ca.secretRef: Secret {ref} needs tls.crt and tls.key")
         try:
             ca = load_ca(cert, key, now, secret.data.get("chain.crt", b""))
             check_ca_can_sign_svids(ca, spec.name, spec.policy.max_ttl)
         except PKIError as exc:
-            raise TrustDomainError("CAInvalid", f"spec.ca.secretRef {ref}: {exc}") from None
+            raise TrustDomainError(Reason.CA_INVALID, f"spec.ca.secretRef {ref}: {exc}") from None
         return ca
 
     async def _federated_bundles(self, spec: TrustDomainSpec, runtime: TrustDomainRuntime) -> tuple[str, str]:
@@ -296,7 +298,7 @@ class TrustDomains:
                 data = {k: v.decode(errors="replace") for k, v in secret.data.items()} if secret.exists else {}
             text = data.get(key)
             if not text or "BEGIN CERTIFICATE" not in text:
-                raise TrustDomainError("FederationBundleMissing",
+                raise TrustDomainError(Reason.FEDERATION_BUNDLE_MISSING,
                                        f"spec.federatesWith[{i}]: no certificates under {key!r} in "
                                        f"{ref['namespace']}/{ref['name']}")
             roots.append(text if text.endswith("\n") else text + "\n")

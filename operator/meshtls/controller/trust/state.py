@@ -11,6 +11,7 @@ from typing import Any
 from meshtls.api.constants import LABEL_MANAGED_BY, LABEL_TRUST_DOMAIN, MANAGED_BY
 from meshtls.api.names import state_secret_name
 from meshtls.api.objects import SecretSnapshot
+from meshtls.api.reasons import Reason
 from meshtls.controller.trust.domain import TrustDomainError, TrustDomainRuntime
 from meshtls.kube import Kube
 from meshtls.pki import (
@@ -31,7 +32,7 @@ def load_pair(state: SecretSnapshot, prefix: str, now: dt.datetime) -> Certifica
     except PKIError as exc:
         if prefix == "previous":  # an expired previous CA simply retires
             return None
-        raise TrustDomainError("CAInvalid", f"the CA in the state Secret ({prefix}) is unusable: {exc}") from None
+        raise TrustDomainError(Reason.CA_INVALID, f"the CA in the state Secret ({prefix}) is unusable: {exc}") from None
 
 
 def read_revocations(state: SecretSnapshot) -> tuple[list[RevokedCertificate], int]:
