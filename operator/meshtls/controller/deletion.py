@@ -12,6 +12,7 @@ from meshtls.api.reasons import Reason
 from meshtls.controller import metrics
 from meshtls.controller.overlaps import recheck_overlaps
 from meshtls.controller.runtime import Operator, identity_lock
+from meshtls.controller.scheduler import IdentityKey
 from meshtls.controller.trust.domain import TrustDomainError, TrustDomainRuntime
 from meshtls.pki import RevocationReason, RevokedCertificate, load_certificates
 from meshtls.policy.issuance import revocations_by_issuer
@@ -47,7 +48,7 @@ async def revoke_on_delete(op: Operator, body: dict[str, Any]) -> None:
     """Every still-valid serial of the identity goes on the CRL of the trust domain that issued it, published
     everywhere; then the Secret goes."""
     namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    key = (namespace, name)
+    key = IdentityKey(namespace, name)
     op.scheduler.forget(key)
     async with identity_lock(op, key):
         status = dict(body.get("status") or {})

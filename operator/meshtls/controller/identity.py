@@ -33,7 +33,7 @@ from meshtls.controller import metrics
 from meshtls.controller.deletion import issuer_for_revocation, revoke_on_delete, trust_domain_deleted
 from meshtls.controller.overlaps import recheck_overlaps, report_overlaps
 from meshtls.controller.runtime import Operator, identity_lock, identity_ref, later
-from meshtls.controller.scheduler import Key
+from meshtls.controller.scheduler import IdentityKey
 from meshtls.controller.sidecar_config import publish_sidecar_config
 from meshtls.controller.trust.domain import TrustDomainError, TrustDomainRuntime
 from meshtls.kube import Conflict
@@ -74,7 +74,7 @@ def _event_fingerprint(meta: dict[str, Any]) -> tuple[Any, ...]:
 
 async def on_identity_event(op: Operator, event_type: str, body: dict[str, Any]) -> None:
     meta = body.get("metadata") or {}
-    key = (str(meta.get("namespace")), str(meta.get("name")))
+    key = IdentityKey(str(meta.get("namespace")), str(meta.get("name")))
     finalizers = list(meta.get("finalizers") or [])
     if event_type == "DELETED":
         op.handled.pop(key, None)
@@ -118,14 +118,14 @@ async def on_identity_event(op: Operator, event_type: str, body: dict[str, Any])
         op.scheduler.schedule(key, op.clock.now() + RETRY_ERROR)
 
 
-async def _retry_deletion(op: Operator, key: Key) -> None:
+async def _retry_deletion(op: Operator, key: IdentityKey) -> None:
     body = await op.kube.run(op.kube.get_workload_identity, *key)
     if body is not None:
         await on_identity_event(op, "MODIFIED", body)
 
 
 async def reconcile(op: Operator, namespace: str, name: str, body: dict[str, Any] | None = None) -> None:
-    key = (namespace, name)
+    key = IdentityKey(namespace, name)
     async with identity_lock(op, key):
         if body is None:
             body = await op.kube.run(op.kube.get_workload_identity, namespace, name)
@@ -146,7 +146,7 @@ async def reconcile(op: Operator, namespace: str, name: str, body: dict[str, Any
 class _Resolved:
     """Step 1 (load): the identity as its trust domain makes it, with the status it had when this reconcile began."""
 
-    key: Key
+    key: IdentityKey
     body: dict[str, Any]
     status: dict[str, Any]
     annotations: dict[str, str]
@@ -158,7 +158,7 @@ class _Resolved:
 _SECRET_APPEARED = object()  # the act step's answer when the first create met an existing Secret
 
 
-async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any]) -> None:
+async def _reconcile_locked(op: Operator, key: IdentityKey, body: dict[str, Any]) -> None:
     """Load, decide, act, report. A first create that meets an existing Secret (ours from before a crash, or a
     stranger's) reads it and decides once more; any later conflict waits a second for the scheduler."""
     resolved = await _load(op, key, body)
@@ -183,7 +183,7 @@ async def _reconcile_locked(op: Operator, key: Key, body: dict[str, Any]) -> Non
         read_secret = True  # the Secret exists after all: read it and decide again, once
 
 
-async def _load(op: Operator, key: Key, body: dict[str, Any]) -> _Resolved | None:
+async def _load(op: Operator, key: IdentityKey, body: dict[str, Any]) -> _Resolved | None:
     """Parse and resolve the identity; report its overlaps, bind it to its trust domain and publish its sidecar
     config. None when it cannot go further now (reported, and re-checked later)."""
     status: dict[str, Any] = dict(body.get("status") or {})

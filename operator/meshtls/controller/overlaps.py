@@ -6,7 +6,7 @@ from typing import Any
 
 from meshtls.api.reasons import Reason
 from meshtls.controller.runtime import Operator
-from meshtls.controller.scheduler import Key
+from meshtls.controller.scheduler import IdentityKey
 from meshtls.policy.issuance import merge_conditions, overlap_condition
 
 
@@ -32,7 +32,7 @@ async def _index_namespace(op: Operator, namespace: str) -> None:
     op.selection_known.add(namespace)
 
 
-async def report_overlaps(op: Operator, key: Key, body: dict[str, Any], service_account: str,
+async def report_overlaps(op: Operator, key: IdentityKey, body: dict[str, Any], service_account: str,
                            selector: dict[str, str], status: dict[str, Any]) -> None:
     await _know_namespace(op, key[0])
     recheck_overlaps(op, key[0], op.selection.put(key[0], key[1], service_account, selector))
@@ -49,4 +49,4 @@ async def report_overlaps(op: Operator, key: Key, body: dict[str, Any], service_
 def recheck_overlaps(op: Operator, namespace: str, names: set[str]) -> None:
     """Identities whose set of overlapping identities changed report it again, soon."""
     for other in names:
-        op.scheduler.schedule((namespace, other), op.clock.now())
+        op.scheduler.schedule(IdentityKey(namespace, other), op.clock.now())

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshtls.api.constants import API_VERSION, KIND_WORKLOAD_IDENTITY
-from meshtls.controller.scheduler import Key, RenewalScheduler
+from meshtls.controller.scheduler import IdentityKey, Key, RenewalScheduler, TrustDomainKey
 from meshtls.controller.trust.registry import TrustDomains
 from meshtls.injection.targets import PodSelectionIndex, TargetIndex
 from meshtls.kube import Kube
@@ -22,7 +22,6 @@ from meshtls.policy.namespaces import namespace_terminating
 from meshtls.policy.peering import outranked_by_live_peer
 
 log = logging.getLogger("meshtls.identity")
-TRUST_DOMAIN_KEY = ""  # scheduler keys ("", name) are trust domains: no namespace is empty
 PAUSED_RECHECK = dt.timedelta(seconds=5)
 PEERING_POLL = 2.0  # seconds
 
@@ -34,7 +33,7 @@ class _HeldLock:
 
 
 @contextlib.asynccontextmanager
-async def identity_lock(op: Operator, key: Key) -> AsyncIterator[None]:
+async def identity_lock(op: Operator, key: IdentityKey) -> AsyncIterator[None]:
     """One reconcile per identity at a time; the lock exists only while in use (ten thousand idle identities
     hold none)."""
     held = op.locks.setdefault(key, _HeldLock())
@@ -56,14 +55,15 @@ class Operator:
     clock: Clock
     trust: TrustDomains
     scheduler: RenewalScheduler = field(init=False)
-    locks: dict[Key, _HeldLock] = field(default_factory=dict)  # only while someone holds or waits for one
+    locks: dict[IdentityKey, _HeldLock] = field(default_factory=dict)  # only while someone holds or waits for one
     targets: TargetIndex = field(default_factory=TargetIndex)  # identities with a sidecar, for the webhook
-    rendered: dict[Key, str] = field(default_factory=dict)  # sidecar config last written, per identity
+    rendered: dict[IdentityKey, str] = field(default_factory=dict)  # sidecar config last written, per identity
     selection: PodSelectionIndex = field(default_factory=PodSelectionIndex)  # every identity's pods, for overlaps
     selection_known: set[str] = field(default_factory=set)  # namespaces whose identities are all in `selection`
     selection_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    secret_digests: dict[Key, str] = field(default_factory=dict)  # content of the Secret last written or verified
-    handled: dict[Key, tuple[Any, ...]] = field(default_factory=dict)  # last event fingerprint reconciled
+    # content of the Secret last written or verified
+    secret_digests: dict[IdentityKey, str] = field(default_factory=dict)
+    handled: dict[IdentityKey, tuple[Any, ...]] = field(default_factory=dict)  # last event fingerprint reconciled
     background: set[asyncio.Task[None]] = field(default_factory=set)
     paused: bool = False  # kopf peering: a live peer with a higher priority acts instead of this replica
 
@@ -78,8 +78,8 @@ class Operator:
         from meshtls.controller.identity import reconcile
         from meshtls.controller.trust_domains import reconcile_trust_domain_named
 
-        if key[0] == TRUST_DOMAIN_KEY:  # a trust domain's CA rotation timer shares the heap
-            await reconcile_trust_domain_named(self, key[1])
+        if isinstance(key, TrustDomainKey):  # a trust domain's CA rotation timer shares the heap
+            await reconcile_trust_domain_named(self, key.name)
             return
         await reconcile(self, *key)
 

@@ -9,6 +9,7 @@ from meshtls.api.model import EffectiveIdentity, SpecError
 from meshtls.api.names import sidecar_configmap_name
 from meshtls.api.reasons import Reason
 from meshtls.controller.runtime import Operator, identity_ref
+from meshtls.controller.scheduler import IdentityKey
 from meshtls.dataplane.layout import CONFIG_FILE
 from meshtls.injection.render import check_publishable, injection_target, render_sidecar_config
 from meshtls.kube.client import ApiError
@@ -18,7 +19,7 @@ async def publish_sidecar_config(op: Operator, body: dict[str, Any], identity: E
                                   bundle_config_map: str) -> None:
     """Identities with inbound or outbound routes get a rendered proxy.yaml and are offered to the injector."""
     spec = identity.spec
-    key = (spec.namespace, spec.name)
+    key = IdentityKey(spec.namespace, spec.name)
     if not spec.inbound and not spec.outbound:
         op.targets.remove(spec.namespace, spec.name)
         return

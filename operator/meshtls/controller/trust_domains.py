@@ -9,7 +9,8 @@ from typing import Any
 
 from meshtls.api.constants import API_VERSION, KIND_WORKLOAD_IDENTITY
 from meshtls.api.reasons import Reason
-from meshtls.controller.runtime import TRUST_DOMAIN_KEY, Operator
+from meshtls.controller.runtime import Operator
+from meshtls.controller.scheduler import TrustDomainKey
 from meshtls.controller.trust.domain import TrustDomainError, TrustDomainRuntime
 from meshtls.kube.client import NotFound
 from meshtls.policy.ca_rotation import reissue_delay
@@ -31,14 +32,14 @@ async def reconcile_trust_domain(op: Operator, body: dict[str, Any]) -> None:
         runtime, changes = await op.trust.ensure(body)
     except TrustDomainError as exc:
         await _report_unusable_trust_domain(op, body, status, exc)
-        op.scheduler.schedule((TRUST_DOMAIN_KEY, name), op.clock.now() + op.trust.resync * 2)
+        op.scheduler.schedule(TrustDomainKey(name), op.clock.now() + op.trust.resync * 2)
         return
     runtime.last_status = status
     await after_trust_domain_change(op, runtime, changes, body)
     if op.trust.default_conflict() != defaults_before:  # the other TrustDomains marked default say so too
         for other in set(defaults_before) | set(op.trust.default_conflict()):
             if other != name:
-                op.scheduler.schedule((TRUST_DOMAIN_KEY, other), op.clock.now())
+                op.scheduler.schedule(TrustDomainKey(other), op.clock.now())
 
 
 async def _report_unusable_trust_domain(op: Operator, body: dict[str, Any], status: dict[str, Any],
@@ -67,7 +68,7 @@ async def reconcile_trust_domain_named(op: Operator, name: str) -> None:
 async def trust_domain_gone(op: Operator, name: str) -> None:
     """Deleted: nothing is signed under it from now on; its identities re-check (and report it); its roots leave
     the bundles other trust domains share."""
-    op.scheduler.forget((TRUST_DOMAIN_KEY, name))
+    op.scheduler.forget(TrustDomainKey(name))
     runtime = op.trust.forget(name)
     if runtime is None:
         return
@@ -101,7 +102,7 @@ async def after_trust_domain_change(op: Operator, runtime: TrustDomainRuntime, c
         op.scheduler.schedule(key, now)
     next_check = op.trust.next_phase_check(runtime)
     if next_check is not None:
-        op.scheduler.schedule((TRUST_DOMAIN_KEY, runtime.name), next_check)
+        op.scheduler.schedule(TrustDomainKey(runtime.name), next_check)
 
 
 async def _warn_identities_of_conflicts(op: Operator, runtime: TrustDomainRuntime) -> None:

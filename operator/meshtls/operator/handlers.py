@@ -25,6 +25,7 @@ from meshtls.api.constants import (
 from meshtls.controller import metrics
 from meshtls.controller.identity import on_identity_event
 from meshtls.controller.runtime import Operator, follow_peering
+from meshtls.controller.scheduler import IdentityKey
 from meshtls.controller.trust.registry import RESYNC, TrustDomains
 from meshtls.controller.trust_domains import reconcile_trust_domain, trust_domain_gone
 from meshtls.controller.trust_watch import follow_trust_secrets, on_bundle_configmap
@@ -141,14 +142,22 @@ async def identity_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> Non
 # --- Secrets meshtls manages: repair when deleted or tampered with ----------------------------------------------
 
 
-@kopf.on.event("", "v1", "secrets", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_IDENTITY: kopf.PRESENT})
-async def managed_secret_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+def _identity_object(event: kopf.RawEvent, memo: kopf.Memo) -> tuple[Operator, dict[str, Any], IdentityKey] | None:
+    """The operator, the object and the identity its meshtls.dev/identity label names (None before start-up)."""
     op: Operator | None = memo.get("op")
     if op is None:
-        return
+        return None
     obj: dict[str, Any] = dict(event["object"])
     meta = obj.get("metadata", {})
-    key = (str(meta.get("namespace")), str(meta.get("labels", {}).get(LABEL_IDENTITY)))
+    return op, obj, IdentityKey(str(meta.get("namespace")), str(meta.get("labels", {}).get(LABEL_IDENTITY)))
+
+
+@kopf.on.event("", "v1", "secrets", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_IDENTITY: kopf.PRESENT})
+async def managed_secret_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    found = _identity_object(event, memo)
+    if found is None:
+        return
+    op, obj, key = found
     if event["type"] == "DELETED":
         op.scheduler.schedule(key, op.clock.now())
         return
@@ -165,12 +174,10 @@ async def managed_secret_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) 
 
 @kopf.on.event("", "v1", "configmaps", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_IDENTITY: kopf.PRESENT})
 async def managed_configmap_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    op: Operator | None = memo.get("op")
-    if op is None:
+    found = _identity_object(event, memo)
+    if found is None:
         return
-    obj: dict[str, Any] = dict(event["object"])
-    meta = obj.get("metadata", {})
-    key = (str(meta.get("namespace")), str(meta.get("labels", {}).get(LABEL_IDENTITY)))
+    op, obj, key = found
     written = op.rendered.get(key)
     if written is None:
         return  # not one meshtls rendered in this run (a bundle, or before the identity's first reconcile)

@@ -185,8 +185,8 @@ async def _namespace_alive(trust: TrustDomains, namespace: str) -> bool:
         r.selected.discard(namespace)
         for key in [k for k in r.identities if k[0] == namespace]:
             r.identities.discard(key)
-    for key in [k for k in trust.published if k[0] == namespace]:
-        trust.published.pop(key, None)
+    for bundle in [k for k in trust.published if k[0] == namespace]:
+        trust.published.pop(bundle, None)
     return False
 
 

@@ -11,25 +11,26 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshtls.api.model import TrustDomainSpec
+from meshtls.controller.scheduler import IdentityKey
 from meshtls.pki import CertificateAuthority, RevokedCertificate
 from meshtls.policy.ca_rotation import RotationState
 from meshtls.policy.trust_policy import BundleContribution, merge_bundle
 
-Key = tuple[str, str]
 BundleKey = tuple[str, str]  # (namespace, ConfigMap name)
+Key = IdentityKey  # an identity a trust domain issued under (or waits for)
 
 
-class IdentitySet(set[tuple[str, str]]):
+class IdentitySet(set[IdentityKey]):
     """The identities issued under a trust domain, counted per namespace: "has it any there?" is asked at every
     reconcile, and must not cost a scan of ten thousand entries."""
 
-    def __init__(self, keys: Iterable[tuple[str, str]] = ()) -> None:
+    def __init__(self, keys: Iterable[IdentityKey] = ()) -> None:
         super().__init__()
         self.per_namespace: Counter[str] = Counter()
         for key in keys:
             self.add(key)
 
-    def add(self, key: tuple[str, str]) -> None:
+    def add(self, key: IdentityKey) -> None:
         if key not in self:
             super().add(key)
             self.per_namespace[key[0]] += 1

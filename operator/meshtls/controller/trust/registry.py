@@ -20,6 +20,7 @@ from meshtls.api.model import SpecError, TrustDomainSpec, parse_trust_domain
 from meshtls.api.names import state_secret_name
 from meshtls.api.reasons import Reason
 from meshtls.controller import metrics
+from meshtls.controller.scheduler import IdentityKey
 from meshtls.controller.trust import bundles, revocation, rotation, status
 from meshtls.controller.trust.domain import BundleKey, IdentitySet, Key, TrustDomainError, TrustDomainRuntime
 from meshtls.controller.trust.revocation import crl_inputs, crls_stale, sign_crls
@@ -253,7 +254,7 @@ class TrustDomains:
         except Exception as exc:  # only a head start: identities bind themselves as they reconcile
             log.warning("listing identities for trust domain %s failed: %s", name, exc)
             return IdentitySet()
-        return IdentitySet((str(b["metadata"]["namespace"]), str(b["metadata"]["name"])) for b in bodies
+        return IdentitySet(IdentityKey(str(b["metadata"]["namespace"]), str(b["metadata"]["name"])) for b in bodies
                            if ((b.get("spec") or {}).get("trustDomain")
                                or (b.get("status") or {}).get("trustDomain")) == name
                            and not b["metadata"].get("deletionTimestamp"))
