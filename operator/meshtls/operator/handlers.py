@@ -154,8 +154,7 @@ def _identity_object(event: kopf.RawEvent, memo: kopf.Memo) -> tuple[Operator, d
 
 @kopf.on.event("", "v1", "secrets", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_IDENTITY: kopf.PRESENT})
 async def managed_secret_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    found = _identity_object(event, memo)
-    if found is None:
+    if (found := _identity_object(event, memo)) is None:
         return
     op, obj, key = found
     if event["type"] == "DELETED":
@@ -174,8 +173,7 @@ async def managed_secret_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) 
 
 @kopf.on.event("", "v1", "configmaps", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_IDENTITY: kopf.PRESENT})
 async def managed_configmap_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    found = _identity_object(event, memo)
-    if found is None:
+    if (found := _identity_object(event, memo)) is None:
         return
     op, obj, key = found
     written = op.rendered.get(key)
