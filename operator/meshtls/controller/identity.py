@@ -28,9 +28,17 @@ from meshtls.api.model import (
 )
 from meshtls.api.names import iso
 from meshtls.api.objects import ABSENT
-from meshtls.api.reasons import ConditionType, Reason
+from meshtls.api.reasons import Reason
 from meshtls.controller import metrics
-from meshtls.controller.deletion import issuer_for_revocation, revoke_on_delete, trust_domain_deleted
+from meshtls.controller.deletion import revoke_on_delete, revoke_superseded
+from meshtls.controller.identity_status import (
+    floor_message,
+    is_ready,
+    record_metrics,
+    report_failure,
+    report_floor,
+    status_from_secret,
+)
 from meshtls.controller.overlaps import recheck_overlaps, report_overlaps
 from meshtls.controller.runtime import Operator, identity_lock, identity_ref, later
 from meshtls.controller.scheduler import IdentityKey
@@ -40,19 +48,7 @@ from meshtls.kube import Conflict
 from meshtls.kube.client import ApiError
 from meshtls.pki import CertificateAuthority, RevocationReason, RevokedCertificate
 from meshtls.policy.certificate import dns_names_of
-from meshtls.policy.issuance import (
-    Superseded,
-    condition,
-    failed_status,
-    floor_condition,
-    issue_for,
-    issued_status,
-    merge_conditions,
-    secret_body,
-    secret_digest,
-    superseded_by_spec,
-    tracked_serials,
-)
+from meshtls.policy.issuance import issue_for, issued_status, secret_body, secret_digest, superseded_by_spec
 from meshtls.policy.namespaces import namespace_terminating
 from meshtls.policy.triggers import CONFLICT, ISSUE, Decision, IdentityState, decide, event_reason, secret_renewal_time
 
@@ -155,9 +151,6 @@ class _Resolved:
     identity: EffectiveIdentity
 
 
-_SECRET_APPEARED = object()  # the act step's answer when the first create met an existing Secret
-
-
 async def _reconcile_locked(op: Operator, key: IdentityKey, body: dict[str, Any]) -> None:
     """Load, decide, act, report. A first create that meets an existing Secret (ours from before a crash, or a
     stranger's) reads it and decides once more; any later conflict waits a second for the scheduler."""
@@ -169,13 +162,13 @@ async def _reconcile_locked(op: Operator, key: IdentityKey, body: dict[str, Any]
         state = await _read_state(op, resolved, read_secret)
         decision = decide(state)
         if decision.action == CONFLICT:
-            await _fail(op, body, resolved.status, decision.reason, decision.message)
+            await report_failure(op, body, resolved.status, decision.reason, decision.message)
             op.scheduler.schedule(key, state.now + RETRY_CONFLICT)
             return
         if decision.action != ISSUE:
             await _confirm(op, resolved, state, decision)
             return
-        if await _issue(op, resolved, state, decision) is not _SECRET_APPEARED:
+        if not await _issue(op, resolved, state, decision):  # written, or refused for good
             return
         if read_secret or state.secret.exists:
             op.scheduler.schedule(key, op.clock.now() + dt.timedelta(seconds=1))
@@ -195,7 +188,7 @@ async def _load(op: Operator, key: IdentityKey, body: dict[str, Any]) -> _Resolv
     except (SpecError, TrustDomainError) as exc:
         reason = exc.reason
         message = str(exc) if isinstance(exc, SpecError) else exc.message
-        await _fail(op, body, status, reason, message)
+        await report_failure(op, body, status, reason, message)
         op.scheduler.schedule(key, op.clock.now() + RETRY_INVALID)
         return None
 
@@ -204,7 +197,7 @@ async def _load(op: Operator, key: IdentityKey, body: dict[str, Any]) -> _Resolv
     try:
         await publish_sidecar_config(op, body, identity, runtime.spec.bundle_configmap)
     except SpecError as exc:
-        await _fail(op, body, status, exc.reason, str(exc))
+        await report_failure(op, body, status, exc.reason, str(exc))
         # a config too large cannot shrink by itself: the next spec change (an event) tries again
         unfit = exc.reason in (Reason.SIDECAR_CONFIG_TOO_LARGE, Reason.SIDECAR_CONFIG_REFUSED)
         retry = RETRY_INVALID if unfit else RETRY_CONFLICT
@@ -241,16 +234,16 @@ async def _confirm(op: Operator, resolved: _Resolved, state: IdentityState, deci
     """Nothing to issue: report the floor, catch the status up with the Secret if it lags, schedule the renewal."""
     (namespace, name), body, status, identity = resolved.key, resolved.body, resolved.status, resolved.identity
     now = state.now
-    await _report_floor(op, body, status, decision.clamped, decision.message if decision.reason ==
-                        Reason.RENEWAL_FLOOR else _floor_message(identity), now)
+    await report_floor(op, body, status, decision.clamped, decision.message if decision.reason ==
+                        Reason.RENEWAL_FLOOR else floor_message(identity), now)
     due = iso(secret_renewal_time(state))
-    if (status.get("serialNumber") != state.certificate().serial or not _is_ready(status)
+    if (status.get("serialNumber") != state.certificate().serial or not is_ready(status)
             or status.get("renewalTime") != due):
         # status lags the Secret (operator restarted mid-write, recovered from an error, or the renewal point
         # in the spec changed): catch it up, finishing a spec change the restart interrupted
         superseded = superseded_by_spec(status, identity, False, now)
-        revoked = await _revoke_superseded(op, body, superseded) if superseded is not None else frozenset()
-        await op.kube.run(op.kube.patch_workload_identity_status, namespace, name, _status_from_secret(
+        revoked = await revoke_superseded(op, body, superseded) if superseded is not None else frozenset()
+        await op.kube.run(op.kube.patch_workload_identity_status, namespace, name, status_from_secret(
             status, state, decision.message, now, revoked))
         serial, previous = state.certificate().serial, status.get("serialNumber")
         if serial != previous:  # the operator died between the Secret and its Event: nobody was told yet
@@ -258,14 +251,14 @@ async def _confirm(op: Operator, resolved: _Resolved, state: IdentityState, deci
             await op.post_event(body, "Normal", reason, f"serial {previous or '-'} -> {serial} (recorded after an "
                                                         "operator restart)")
     assert decision.recheck_at is not None
-    _record_metrics(namespace, name, str(identity.spiffe_id), state, decision.recheck_at)
+    record_metrics(namespace, name, str(identity.spiffe_id), state, decision.recheck_at)
     op.secret_digests[resolved.key] = secret_digest(state.secret.data)
     op.scheduler.schedule(resolved.key, decision.recheck_at)
 
 
-async def _issue(op: Operator, resolved: _Resolved, state: IdentityState, decision: Decision) -> object:
+async def _issue(op: Operator, resolved: _Resolved, state: IdentityState, decision: Decision) -> bool:
     """Sign a certificate and write the Secret (one replace guarded by its resourceVersion), then report.
-    Returns _SECRET_APPEARED when the Secret changed or appeared since it was read."""
+    True when the Secret changed or appeared since it was read: nothing was written."""
     (namespace, name), body, status = resolved.key, resolved.body, resolved.status
     identity, runtime, annotations, secret = resolved.identity, resolved.runtime, resolved.annotations, state.secret
     now = state.now
@@ -286,21 +279,21 @@ async def _issue(op: Operator, resolved: _Resolved, state: IdentityState, decisi
         if exc.status != 422:
             raise
         # the API server refuses the Secret itself (a name or label it cannot take): retrying cannot help
-        await _fail(op, body, status, Reason.INVALID_SECRET,
+        await report_failure(op, body, status, Reason.INVALID_SECRET,
                     f"the API server refused Secret {resolved.spec.secret_name}: {exc}")
         op.scheduler.schedule(resolved.key, op.clock.now() + RETRY_INVALID)
-        return None
+        return False
     except Conflict:
-        return _SECRET_APPEARED  # the Secret changed (or exists) since we looked
+        return True  # the Secret changed (or exists) since we looked
     metrics.issuance_seconds.observe(time.perf_counter() - started)
     op.secret_digests[resolved.key] = secret_digest({k: v.encode() for k, v in written["stringData"].items()})
     reason = event_reason(decision, had_certificate)
-    revoked = await _revoke_superseded(op, body, superseded) if superseded is not None else frozenset()
+    revoked = await revoke_superseded(op, body, superseded) if superseded is not None else frozenset()
     new_status = issued_status(identity, issuance, status, rotated=had_certificate,
                                ca_fingerprint=runtime.ca.fingerprint, renew_request=annotations.get(ANNOTATION_RENEW),
                                now=now, revoked=revoked)
     await op.kube.run(op.kube.patch_workload_identity_status, namespace, name, new_status)
-    await _report_floor(op, body, new_status, issuance.clamped, _floor_message(identity), now)
+    await report_floor(op, body, new_status, issuance.clamped, floor_message(identity), now)
     if decision.revoke_current:
         await op.kube.run(op.kube.patch_workload_identity_annotations, namespace, name, {ANNOTATION_REVOKE: None})
     old = state.certificate().serial if secret.exists else None
@@ -318,73 +311,7 @@ async def _issue(op: Operator, resolved: _Resolved, state: IdentityState, decisi
     metrics.renewal.labels(namespace, name, str(identity.spiffe_id)).set(issuance.renewal_time.timestamp())
     metrics.ready.labels(namespace, name, str(identity.spiffe_id)).set(1)
     op.scheduler.schedule(resolved.key, issuance.renewal_time)
-    return None
-
-
-async def _revoke_superseded(op: Operator, body: dict[str, Any], superseded: Superseded) -> frozenset[str]:
-    """Revoke what a spec change left valid, each serial on the CRL of the trust domain that issued it, and remove
-    the Secret under the old name (only ours). Returns the serials dealt with."""
-    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    now = op.clock.now()
-    done: set[str] = set()
-    told: list[str] = []
-    for trust_domain, serials in superseded.serials.items():
-        runtime, (why_reason, why) = await issuer_for_revocation(op, trust_domain)
-        if runtime is None:
-            if why_reason == Reason.TRUST_DOMAIN_GONE:
-                # its CA is gone with it: no sidecar trusts those certificates any more, and there is no CRL to publish
-                told.append(f"trust domain {trust_domain} is gone ({why}): {len(serials)} serial(s) need no CRL")
-                done.update(serial for serial, _ in serials)
-            else:  # unusable for now: they stay in activeSerials, and the identity's deletion revokes them again
-                told.append(f"trust domain {trust_domain} cannot sign a CRL now ({why}); {len(serials)} serial(s) "
-                            "kept for deletion")
-            continue
-        try:
-            await op.trust.revoke(runtime, [RevokedCertificate(int(serial, 16), now, not_after,
-                                                               RevocationReason.SUPERSEDED)
-                                            for serial, not_after in serials])
-        except Exception as exc:
-            if await trust_domain_deleted(op, trust_domain):
-                told.append(f"trust domain {trust_domain} was deleted: {len(serials)} serial(s) need no CRL")
-                done.update(serial for serial, _ in serials)
-                continue
-            # they stay in activeSerials: the identity's deletion revokes them again
-            log.warning("%s/%s: revoking superseded serials under %s failed: %s", namespace, name, trust_domain, exc)
-            told.append(f"revoking {len(serials)} serial(s) under {trust_domain} failed ({exc}); kept for deletion")
-            continue
-        done.update(serial for serial, _ in serials)
-        told.append(f"revoked {', '.join(s for s, _ in serials)} on the CRL of {trust_domain} "
-                    f"(#{runtime.crl_number})")
-    if superseded.old_secret_name:
-        old = await op.kube.run(op.kube.read_secret, namespace, superseded.old_secret_name)
-        if old.exists and old.owned_by(body["metadata"]["uid"]) and old.uid:
-            await op.kube.run(op.kube.delete_secret, namespace, superseded.old_secret_name, old.uid)
-            told.append(f"Secret {superseded.old_secret_name} deleted")
-    message = f"{superseded.reason}: " + ("; ".join(told) or "nothing was left valid")
-    log.info("%s/%s Superseded: %s", namespace, name, message)
-    await op.post_event(body, "Normal", Reason.SUPERSEDED, message)
-    return frozenset(done)
-
-
-def _floor_message(identity: EffectiveIdentity) -> str:
-    spec_point = (f"renewBefore {format_duration(identity.renew_before)}" if identity.renew_before is not None
-                  else f"renewAtPercent {round(identity.renew_at_fraction * 100)}")
-    return (f"{spec_point} with ttl {format_duration(identity.ttl)} would renew sooner than the re-issue floor "
-            f"(a tenth of the lifetime, at least 1 s): renewals are held back to the floor")
-
-
-async def _report_floor(op: Operator, body: dict[str, Any], status: dict[str, Any], clamped: bool, message: str,
-                        now: dt.datetime) -> None:
-    """Once per change, not per clamp: a condition and a Warning Event when the floor starts holding back."""
-    changed = floor_condition(status.get("conditions"), clamped, message, now)
-    if changed is None:
-        return
-    status["conditions"] = merge_conditions(status.get("conditions"), [changed])
-    meta = body["metadata"]
-    await op.kube.run(op.kube.patch_workload_identity_status, meta["namespace"], meta["name"],
-                      {"conditions": status["conditions"]})
-    if clamped:
-        await op.post_event(body, "Warning", Reason.RENEWAL_FLOOR, message)
+    return False
 
 
 def _trusted_roots(cas: list[CertificateAuthority]) -> frozenset[bytes]:
@@ -396,57 +323,6 @@ def _time_or_none(text: str | None) -> dt.datetime | None:
         return dt.datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
     except ValueError:
         return None
-
-
-def _is_ready(status: dict[str, Any]) -> bool:
-    return any(c.get("type") == ConditionType.READY and c.get("status") == "True"
-               for c in status.get("conditions") or [])
-
-
-def _record_metrics(namespace: str, name: str, spiffe_id: str, state: IdentityState, due: dt.datetime) -> None:
-    cert = state.certificate().certificate
-    if cert is not None:
-        metrics.expiration.labels(namespace, name, spiffe_id).set(cert.not_valid_after_utc.timestamp())
-    metrics.renewal.labels(namespace, name, spiffe_id).set(due.timestamp())
-    metrics.ready.labels(namespace, name, spiffe_id).set(1)
-
-
-def _status_from_secret(status: dict[str, Any], state: IdentityState, message: str,
-                        now: dt.datetime, revoked: frozenset[str] = frozenset()) -> dict[str, Any]:
-    cert = state.certificate().certificate
-    assert cert is not None
-    serial = format(cert.serial_number, "x")
-    active = tracked_serials(status.get("activeSerials"), None, now, dropped=revoked)
-    if not any(e.get("serial") == serial for e in active):
-        active.append({"serial": serial, "notAfter": iso(cert.not_valid_after_utc),
-                       "trustDomain": state.identity.trust_domain})
-    return {
-        "spiffeID": str(state.identity.spiffe_id),
-        "trustDomain": state.identity.trust_domain,
-        "secretName": state.identity.spec.secret_name,
-        "serialNumber": serial,
-        "notBefore": iso(cert.not_valid_before_utc),
-        "notAfter": iso(cert.not_valid_after_utc),
-        "renewalTime": iso(secret_renewal_time(state)),
-        "activeSerials": active,
-        "conditions": merge_conditions(status.get("conditions"), [
-            condition(ConditionType.READY, True, Reason.ISSUED, message, now),
-            condition(ConditionType.ISSUING, False, Reason.ISSUED, "certificate is up to date", now),
-        ]),
-    }
-
-
-async def _fail(op: Operator, body: dict[str, Any], status: dict[str, Any], reason: str, message: str) -> None:
-    namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
-    ready: dict[str, Any] = next((c for c in status.get("conditions") or [] if c.get("type") == ConditionType.READY),
-                                 {})
-    metrics.failures.labels(reason).inc()
-    if ready.get("status") == "False" and ready.get("reason") == reason and ready.get("message") == message:
-        return  # already reported: no new Event, no write (a stuck identity must not spin)
-    log.warning("%s/%s not ready: %s: %s", namespace, name, reason, message)
-    await op.kube.run(op.kube.patch_workload_identity_status, namespace, name,
-                      failed_status(status, reason, message, op.clock.now()))
-    await op.post_event(body, "Warning", reason, message)
 
 
 async def _revoke_current(op: Operator, runtime: TrustDomainRuntime, state: IdentityState, reason_text: str) -> None:
