@@ -13,8 +13,6 @@ import json
 import logging
 from typing import Any
 
-from cryptography.hazmat.primitives.serialization import Encoding
-
 from meshtls.api.constants import ANNOTATION_ROTATE_CA
 from meshtls.api.model import SpecError, TrustDomainSpec, parse_trust_domain
 from meshtls.api.names import state_secret_name
@@ -25,18 +23,14 @@ from meshtls.controller.trust import bundles, revocation, rotation, status
 from meshtls.controller.trust.domain import BundleKey, IdentitySet, Key, TrustDomainError, TrustDomainRuntime
 from meshtls.controller.trust.revocation import crl_inputs, crls_stale, sign_crls
 from meshtls.controller.trust.rotation import advance
+from meshtls.controller.trust.sources import federated_bundles, load_brought_ca
 from meshtls.controller.trust.state import load_pair, read_revocations, save_state
 from meshtls.controller.trust.status import reported_from
 from meshtls.kube import Kube
 from meshtls.pki import (
-    CertificateAuthority,
-    PKIError,
     RevokedCertificate,
-    check_ca_can_sign_svids,
     drop_expired,
     generate_ca,
-    load_ca,
-    load_crls,
 )
 from meshtls.policy.ca_rotation import RotationState
 from meshtls.policy.clock import Clock
@@ -176,7 +170,7 @@ class TrustDomains:
         if state.exists and not state.managed:
             raise TrustDomainError(Reason.STATE_SECRET_CONFLICT,
                                    f"Secret {self.namespace}/{state_name} exists and is not managed by meshtls")
-        brought = await self._load_brought_ca(spec, now) if spec.ca_secret_ref else None
+        brought = await load_brought_ca(self, spec, now) if spec.ca_secret_ref else None
         known = self.domains.get(spec.name)
         signing = load_pair(state, "ca", now) if state.exists else None
         changes: list[tuple[str, str]] = []
@@ -227,7 +221,7 @@ class TrustDomains:
             # persisted before anything is signed with it: a CA whose key is lost would strand its certificates
             await save_state(self.kube, self.namespace, runtime, state)
         try:
-            runtime.federated_roots, runtime.federated_crls = await self._federated_bundles(spec, runtime)
+            runtime.federated_roots, runtime.federated_crls = await federated_bundles(self, spec, runtime)
             runtime.federation_problem = None
         except TrustDomainError as exc:
             # federation degrades (the last bundles read stay), local issuance goes on
@@ -258,57 +252,6 @@ class TrustDomains:
                            if ((b.get("spec") or {}).get("trustDomain")
                                or (b.get("status") or {}).get("trustDomain")) == name
                            and not b["metadata"].get("deletionTimestamp"))
-    async def _load_brought_ca(self, spec: TrustDomainSpec, now: dt.datetime) -> CertificateAuthority:
-        ref = spec.ca_secret_ref
-        assert ref is not None
-        secret = await self.kube.run(self.kube.read_secret, self.namespace, ref)
-        self.read_versions[(spec.name, ref)] = secret.resource_version if secret.exists else None
-        if not secret.exists:
-            raise TrustDomainError(Reason.CA_SECRET_MISSING,
-                                   f"spec.ca.secretRef: Secret {self.namespace}/{ref} not found")
-        cert = secret.data.get("tls.crt") or secret.data.get("ca.crt")
-        key = secret.data.get("tls.key") or secret.data.get("ca.key")
-        if not cert or not key:
-            raise TrustDomainError(Reason.CA_INVALID, f"spec.ca.secretRef: Secret {ref} needs tls.crt and tls.key")
-        try:
-            ca = load_ca(cert, key, now, secret.data.get("chain.crt", b""))
-            check_ca_can_sign_svids(ca, spec.name, spec.policy.max_ttl)
-        except PKIError as exc:
-            raise TrustDomainError(Reason.CA_INVALID, f"spec.ca.secretRef {ref}: {exc}") from None
-        return ca
-
-    async def _federated_bundles(self, spec: TrustDomainSpec, runtime: TrustDomainRuntime) -> tuple[str, str]:
-        """Roots and CRLs of the trust domains this one federates with, from the ConfigMaps or Secrets named.
-
-        A sidecar checks revocation for every peer, so a federated peer's CRL must travel with its root; CRLs
-        issued by our own CAs are left out (the federated bundle may carry an older copy of ours).
-        """
-        roots: list[str] = []
-        crls: list[str] = []
-        own = {ca.certificate.subject for ca in runtime.trusted}
-        for i, fed in enumerate(spec.federates_with):
-            ref = fed.get("configMapRef") or fed.get("secretRef")
-            if not isinstance(ref, dict):
-                continue
-            key = ref.get("key") or "ca.crt"
-            if fed.get("configMapRef"):
-                cm = await self.kube.run(self.kube.read_configmap, ref["namespace"], ref["name"])
-                data = dict((cm or {}).get("data", {}))
-            else:
-                secret = await self.kube.run(self.kube.read_secret, ref["namespace"], ref["name"])
-                data = {k: v.decode(errors="replace") for k, v in secret.data.items()} if secret.exists else {}
-            text = data.get(key)
-            if not text or "BEGIN CERTIFICATE" not in text:
-                raise TrustDomainError(Reason.FEDERATION_BUNDLE_MISSING,
-                                       f"spec.federatesWith[{i}]: no certificates under {key!r} in "
-                                       f"{ref['namespace']}/{ref['name']}")
-            roots.append(text if text.endswith("\n") else text + "\n")
-            try:
-                foreign = [c for c in load_crls(data.get("crl.pem", "").encode()) if c.issuer not in own]
-            except PKIError:
-                foreign = []
-            crls.extend(c.public_bytes(Encoding.PEM).decode() for c in foreign)
-        return "".join(roots), "".join(dict.fromkeys(crls))
 
     # --- rotation, revocation, bundles and status: the work lives in the modules of this package ---------------
 
