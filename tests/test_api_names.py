@@ -9,11 +9,10 @@ import pytest
 import yaml
 
 from meshtls.api import names
-from meshtls.api.constants import ANNOTATION_ROTATE_CA, DEFAULT_BUNDLE_CONFIGMAP
+from meshtls.api.constants import DEFAULT_BUNDLE_CONFIGMAP
 from meshtls.api.model import parse_workload_identity
 from meshtls.cli.commands.cluster import bundle_name_of
 from meshtls.cli.views.identities import secret_name_of
-from meshtls.controller import trust
 from meshtls.kube.client import NotFound
 
 CHART = Path(__file__).resolve().parents[1] / "charts" / "meshtls"
@@ -36,11 +35,8 @@ def test_the_operator_and_the_cli_default_the_secret_name_alike(name: str) -> No
 
 
 @pytest.mark.parametrize("td", TRUST_DOMAINS)
-def test_the_state_secret_and_the_rotate_annotation_are_the_operators(td: str) -> None:
-    """The CLI reads api's names; the operator's own copies (handlers.trust, until it imports api) agree."""
-    assert names.state_secret_name(td) == trust.state_secret_name(td)
+def test_the_state_secret_name_fits_an_object_name(td: str) -> None:
     assert len(names.state_secret_name(td)) <= names.MAX_OBJECT_NAME
-    assert ANNOTATION_ROTATE_CA == trust.ANNOTATION_ROTATE_CA
 
 
 def test_the_python_default_image_is_the_charts() -> None:

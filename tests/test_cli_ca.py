@@ -221,7 +221,7 @@ def test_refused_rotations_write_nothing(capsys: pytest.CaptureFixture[str]) -> 
 
 
 def test_rotate_sets_the_operators_annotation_and_reports_the_request(capsys: pytest.CaptureFixture[str]) -> None:
-    from meshtls.controller.trust import ANNOTATION_ROTATE_CA
+    from meshtls.api.constants import ANNOTATION_ROTATE_CA
 
     fake = FakeKube([td()])
     code, out = run("rotate", fake, capsys, "example.org", "-o", "json")

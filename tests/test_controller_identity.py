@@ -31,15 +31,12 @@ from meshtls.api.constants import (
 from meshtls.api.names import state_secret_name
 from meshtls.api.objects import SecretSnapshot
 from meshtls.api.reasons import Reason
-from meshtls.controller.reconcile import (
-    TRUST_DOMAIN_KEY,
-    Operator,
-    on_identity_event,
-    reconcile,
-    reconcile_trust_domain,
-    revoke_on_delete,
-)
-from meshtls.controller.trust import TrustDomains
+from meshtls.controller.deletion import revoke_on_delete
+from meshtls.controller.identity import on_identity_event, reconcile
+from meshtls.controller.runtime import Operator
+from meshtls.controller.scheduler import TrustDomainKey
+from meshtls.controller.trust.registry import TrustDomains
+from meshtls.controller.trust_domains import reconcile_trust_domain
 from meshtls.kube.client import ApiError, Conflict
 from meshtls.pki import load_certificates, load_crls
 from meshtls.policy.ca_rotation import PREPARING, ROTATING, STABLE
@@ -450,7 +447,7 @@ def test_the_crl_is_resigned_at_half_its_validity_with_a_new_number(validity: st
     kube, clock, _ = world(spec={"crl": {"validity": validity}})
     # a resync longer than any validity: only the CRL's own age brings the trust domain's timer round
     op = Operator(kube, clock, TrustDomains(kube, clock, OPNS, resync=dt.timedelta(days=30)))  # type: ignore[arg-type]
-    key = (TRUST_DOMAIN_KEY, "a.example")
+    key = TrustDomainKey("a.example")
 
     async def scenario() -> None:
         await reconcile_trust_domain(op, kube.trust_domains["a.example"])

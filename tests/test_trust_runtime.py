@@ -12,8 +12,10 @@ import pytest
 from testsupport.fakekube import FakeKube
 
 from meshtls.api.constants import ANNOTATION_TRUST_DOMAINS, LABEL_MANAGED_BY, MANAGED_BY
+from meshtls.api.names import state_secret_name
 from meshtls.api.objects import SecretSnapshot
-from meshtls.controller.trust import TrustDomainError, TrustDomains, state_secret_name
+from meshtls.controller.trust.domain import TrustDomainError
+from meshtls.controller.trust.registry import TrustDomains
 from meshtls.kube.client import Conflict
 from meshtls.pki import certificates_pem, generate_ca, load_certificates, load_crls
 from meshtls.policy.clock import FakeClock

@@ -13,6 +13,9 @@ class ConditionType(StrEnum):
     READY = "Ready"
     ISSUING = "Issuing"
     CA_EXPIRING = "CAExpiring"
+    FEDERATED = "Federated"
+    BUNDLE_PUBLISHED = "BundlePublished"
+    DEFAULT_TRUST_DOMAIN = "DefaultTrustDomain"
 
 
 @unique
@@ -61,6 +64,15 @@ class Reason(StrEnum):
     STATE_SECRET_CONFLICT = "StateSecretConflict"
     UNKNOWN_TRUST_DOMAIN = "UnknownTrustDomain"
     FEDERATION_BUNDLE_MISSING = "FederationBundleMissing"
+    FEDERATION_BUNDLES_LOADED = "FederationBundlesLoaded"
+    CA_STATE_RESTORED = "CAStateRestored"
+    PUBLISHED = "Published"
+    BUNDLE_CONFLICT = "BundleConflict"
+    DEFAULT = "Default"
+    MULTIPLE_DEFAULTS = "MultipleDefaults"
+    # deleting an identity whose trust domain can no longer sign a CRL
+    TRUST_DOMAIN_GONE = "TrustDomainGone"
+    REVOCATION_SKIPPED = "RevocationSkipped"
 
 
 # what `meshtls watch` follows by default: a certificate written, revoked or refused for a foreign Secret

@@ -1,7 +1,7 @@
 """One timer for all identities and trust domains: a heap of due times, woken by the earliest.
 
 kopf timers and daemons would hold an asyncio task per object and add finalizers; a heap holds a tuple per object.
-Keys are (namespace, name) of a WorkloadIdentity, or ("", name) of a TrustDomain (no namespace is empty).
+Keys are typed: `IdentityKey(namespace, name)` of a WorkloadIdentity, `TrustDomainKey(name)` of a TrustDomain.
 """
 
 from __future__ import annotations
@@ -11,10 +11,31 @@ import datetime as dt
 import heapq
 import logging
 from collections.abc import Awaitable, Callable
+from typing import NamedTuple
 
 from meshtls.policy.clock import Clock
 
-Key = tuple[str, str]  # (namespace, name); ("", name) for a TrustDomain
+
+class IdentityKey(NamedTuple):
+    """A WorkloadIdentity in the heap: its renewal, or a retry."""
+
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.namespace}/{self.name}"
+
+
+class TrustDomainKey(NamedTuple):
+    """A TrustDomain in the heap: its next CA rotation step, CRL re-signing or resync."""
+
+    name: str
+
+    def __str__(self) -> str:
+        return f"TrustDomain {self.name}"
+
+
+Key = IdentityKey | TrustDomainKey
 log = logging.getLogger("meshtls.scheduler")
 RETRY_FAILED = dt.timedelta(seconds=10)
 IDLE_WAIT = 3600.0  # seconds asleep with nothing scheduled (schedule() wakes it sooner)
@@ -87,7 +108,7 @@ class RenewalScheduler:
         try:
             await self._work(key)
         except Exception:
-            log.exception("work on %s/%s failed; retrying in %d s", *key, RETRY_FAILED.total_seconds())
+            log.exception("work on %s failed; retrying in %d s", key, RETRY_FAILED.total_seconds())
             self.schedule(key, self._clock.now() + RETRY_FAILED)
         finally:
             self._slots.release()

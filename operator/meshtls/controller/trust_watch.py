@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from meshtls.controller.reconcile import TRUST_DOMAIN_KEY, Operator
-from meshtls.controller.trust import state_secret_name
+from meshtls.api.names import state_secret_name
+from meshtls.controller.runtime import Operator
+from meshtls.controller.scheduler import TrustDomainKey
 
 log = logging.getLogger("meshtls.trust")
 SECRET_POLL = 2.0  # seconds between looks at the Secrets trust domains read
@@ -53,7 +54,7 @@ async def _look_once(op: Operator, operator_namespace: str) -> None:
             due[runtime.name] = f"CA state Secret {operator_namespace}/{state} deleted"
     for td, why in sorted(due.items()):
         log.info("%s: reconciling trust domain %s", why, td)
-        op.scheduler.schedule((TRUST_DOMAIN_KEY, td), op.clock.now())
+        op.scheduler.schedule(TrustDomainKey(td), op.clock.now())
 
 
 async def on_bundle_configmap(op: Operator, event_type: str, namespace: str, name: str,

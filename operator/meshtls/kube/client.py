@@ -1,4 +1,5 @@
-"""Every Kubernetes API call meshtls makes, in one place: easy to count, to audit for RBAC, and to replace.
+"""Every Kubernetes API call the operator makes, in one place: easy to count, to audit for RBAC, and to replace
+(the `meshtls` CLI's further reads and the heartbeat are in `queries.py`, beside it).
 
 Methods are synchronous (the official client is); async callers run them in a thread (`Kube.run`), so a slow
 API call never blocks the operator's event loop.
@@ -316,12 +317,6 @@ class Kube:
         )
         self.core.create_namespaced_event(namespace, event)
 
-    @api_call
-    def list_events(self, namespace: str | None, field_selector: str | None = None) -> list[Any]:
-        if namespace:
-            return list(self.core.list_namespaced_event(namespace, field_selector=field_selector).items)
-        return list(self.core.list_event_for_all_namespaces(field_selector=field_selector).items)
-
     # --- Secrets in the operator's namespace (the CA) ----------------------------------------------------------
 
     @api_call
@@ -361,7 +356,3 @@ class Kube:
     def read_mutating_webhook_configuration(self, name: str) -> dict[str, Any] | None:
         obj = or_none(self.admission.read_mutating_webhook_configuration, name)
         return dict(self.api_client.sanitize_for_serialization(obj)) if obj is not None else None
-
-    @api_call
-    def server_version(self) -> str:
-        return str(client.VersionApi(self.api_client).get_code().git_version)

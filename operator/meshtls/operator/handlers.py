@@ -1,4 +1,4 @@
-"""What reacts to what: kopf decorators only. The work lives in `reconcile` and `trust`."""
+"""What reacts to what: kopf decorators only. The work lives in `meshtls.controller`."""
 
 from __future__ import annotations
 
@@ -23,14 +23,11 @@ from meshtls.api.constants import (
     WORKLOAD_IDENTITIES,
 )
 from meshtls.controller import metrics
-from meshtls.controller.reconcile import (
-    Operator,
-    follow_peering,
-    on_identity_event,
-    reconcile_trust_domain,
-    trust_domain_gone,
-)
-from meshtls.controller.trust import RESYNC, TrustDomains
+from meshtls.controller.identity import on_identity_event
+from meshtls.controller.runtime import Operator, follow_peering
+from meshtls.controller.scheduler import IdentityKey
+from meshtls.controller.trust.registry import RESYNC, TrustDomains
+from meshtls.controller.trust_domains import reconcile_trust_domain, trust_domain_gone
 from meshtls.controller.trust_watch import follow_trust_secrets, on_bundle_configmap
 from meshtls.dataplane.layout import CONFIG_FILE
 from meshtls.injection.target import InjectionOptions
@@ -145,14 +142,21 @@ async def identity_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> Non
 # --- Secrets meshtls manages: repair when deleted or tampered with ----------------------------------------------
 
 
-@kopf.on.event("", "v1", "secrets", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_IDENTITY: kopf.PRESENT})
-async def managed_secret_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+def _identity_object(event: kopf.RawEvent, memo: kopf.Memo) -> tuple[Operator, dict[str, Any], IdentityKey] | None:
+    """The operator, the object and the identity its meshtls.dev/identity label names (None before start-up)."""
     op: Operator | None = memo.get("op")
     if op is None:
-        return
+        return None
     obj: dict[str, Any] = dict(event["object"])
     meta = obj.get("metadata", {})
-    key = (str(meta.get("namespace")), str(meta.get("labels", {}).get(LABEL_IDENTITY)))
+    return op, obj, IdentityKey(str(meta.get("namespace")), str(meta.get("labels", {}).get(LABEL_IDENTITY)))
+
+
+@kopf.on.event("", "v1", "secrets", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_IDENTITY: kopf.PRESENT})
+async def managed_secret_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
+    if (found := _identity_object(event, memo)) is None:
+        return
+    op, obj, key = found
     if event["type"] == "DELETED":
         op.scheduler.schedule(key, op.clock.now())
         return
@@ -169,12 +173,9 @@ async def managed_secret_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) 
 
 @kopf.on.event("", "v1", "configmaps", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_IDENTITY: kopf.PRESENT})
 async def managed_configmap_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    op: Operator | None = memo.get("op")
-    if op is None:
+    if (found := _identity_object(event, memo)) is None:
         return
-    obj: dict[str, Any] = dict(event["object"])
-    meta = obj.get("metadata", {})
-    key = (str(meta.get("namespace")), str(meta.get("labels", {}).get(LABEL_IDENTITY)))
+    op, obj, key = found
     written = op.rendered.get(key)
     if written is None:
         return  # not one meshtls rendered in this run (a bundle, or before the identity's first reconcile)

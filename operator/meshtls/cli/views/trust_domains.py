@@ -2,7 +2,7 @@
 one has got. Pure: each function takes the TrustDomain's body (the API's camelCase JSON) and, where time matters,
 a `now`; `commands.ca` does the reading and writing.
 
-The operator (controller/trust.py, policy/ca_rotation.py) starts a rotation when the annotation
+The operator (controller/trust/rotation.py, policy/ca_rotation.py) starts a rotation when the annotation
 `meshtls.dev/rotate-ca` holds a value other than `status.rotation.lastRequest` while the phase is Stable, and only
 for a CA it generated: a brought CA (`spec.ca.secretRef`) has no key above it to sign a successor.
 """
