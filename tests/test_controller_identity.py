@@ -37,7 +37,7 @@ from meshtls.controller.runtime import Operator
 from meshtls.controller.scheduler import TrustDomainKey
 from meshtls.controller.trust.registry import TrustDomains
 from meshtls.controller.trust_domains import reconcile_trust_domain
-from meshtls.kube.client import ApiError, Conflict
+from meshtls.kube.client import ApiError, Conflict, NotFound
 from meshtls.pki import load_certificates, load_crls
 from meshtls.policy.ca_rotation import PREPARING, ROTATING, STABLE
 from meshtls.policy.clock import FakeClock
@@ -788,5 +788,23 @@ def test_a_deletion_racing_a_renewal_revokes_both_serials() -> None:
         new = written[-1]["metadata"]["annotations"][ANNOTATION_SERIAL]
         assert new != old and revoked_serials(kube, "a.example") >= {old, new}
         assert ("shop", "web-mtls") not in kube.secrets and ("shop", "web") not in kube.identities
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("failing", ["patch_workload_identity_status", "write_secret"])
+def test_an_identity_whose_namespace_is_gone_is_let_go_without_a_retry_loop(failing: str) -> None:
+    """An identity can outlive its namespace in the API (a namespace removed around its objects): its reads work,
+    every write answers 404. It must not be retried every few seconds forever."""
+    kube, clock, op = world()
+    body = identity("web") if failing == "write_secret" else identity("web", trustDomain="gone.example")
+
+    async def scenario() -> None:
+        kube.failures[failing] = [NotFound("namespaces \"shop\" not found") for _ in range(3)]
+        await create(op, kube, body)
+        assert op.scheduler.due_at(("shop", "web")) is None  # let go: nothing scheduled
+        clock.advance(dt.timedelta(minutes=5))
+        assert await run_due(op) == 0
+        assert kube.count(failing) == 1  # one attempt, no loop
 
     run(scenario())

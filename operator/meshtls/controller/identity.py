@@ -45,7 +45,7 @@ from meshtls.controller.scheduler import IdentityKey
 from meshtls.controller.sidecar_config import publish_sidecar_config
 from meshtls.controller.trust.domain import TrustDomainError, TrustDomainRuntime
 from meshtls.kube import Conflict
-from meshtls.kube.client import ApiError
+from meshtls.kube.client import ApiError, NotFound
 from meshtls.pki import CertificateAuthority, RevocationReason, RevokedCertificate
 from meshtls.policy.certificate import dns_names_of
 from meshtls.policy.issuance import issue_for, issued_status, secret_body, secret_digest, superseded_by_spec
@@ -137,6 +137,11 @@ async def reconcile(op: Operator, namespace: str, name: str, body: dict[str, Any
             return
         try:
             await _reconcile_locked(op, key, body, fresh)
+        except NotFound:
+            # the identity, or its whole namespace, went away between the read and a write: nothing is left to
+            # act on, and a retry would find the same (an identity left behind in a removed namespace looped here)
+            log.info("%s/%s: gone from the API while reconciling; not reconciling it any more", namespace, name)
+            op.scheduler.forget(key)
         except ApiError as exc:
             if not namespace_terminating(exc.status, str(exc)):
                 raise
