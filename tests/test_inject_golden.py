@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import base64
 import copy
-import difflib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from testsupport.golden import assert_golden
 
 from meshtls.api.constants import ANNOTATION_INJECTED, ANNOTATION_SPIFFE_ID
 from meshtls.dataplane.layout import BUNDLE_DIR, CONFIG_DIR, CONFIG_FILE, IDENTITY_DIR
@@ -28,7 +27,6 @@ from meshtls.injection.inject import PodShapeError, build_injection_patch, escap
 from meshtls.injection.target import SIDECAR_NAME, InjectionOptions, InjectionTarget
 
 GOLDEN = Path(__file__).parent / "golden" / "inject"
-UPDATE = os.environ.get("MESHTLS_UPDATE_GOLDEN") == "1"
 CASES = sorted(p.name.removesuffix(".in.yaml") for p in GOLDEN.glob("*.in.yaml"))
 
 
@@ -193,15 +191,7 @@ def test_golden(name: str) -> None:
     case = load_case(name)
     outcome, patched = admit(case)
     text = render(name, case, outcome, patched)
-    out = GOLDEN / f"{name}.out.yaml"
-    if UPDATE:
-        out.write_text(text)
-        return
-    expected = out.read_text() if out.exists() else ""
-    if text != expected:
-        diff = "".join(difflib.unified_diff(expected.splitlines(True), text.splitlines(True),
-                                            f"{out.name} (golden)", f"{out.name} (now)"))
-        pytest.fail(f"{out.name} differs (MESHTLS_UPDATE_GOLDEN=1 to accept):\n{diff}")
+    assert_golden(GOLDEN / f"{name}.out.yaml", text)
 
 
 @pytest.mark.parametrize("name", CASES)
