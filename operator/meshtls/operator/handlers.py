@@ -42,7 +42,8 @@ log = logging.getLogger("meshtls.operator")
 
 @kopf.on.startup()
 async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
-    # kopf's own finalizer (TrustDomains only need none: their deletion handler is optional); identities carry ours
+    # kopf's own finalizer name, unused: TrustDomains have no deletion handler (their DELETED event arrives raw);
+    # identities carry meshtls's own (revoke on delete)
     settings.persistence.finalizer = f"{GROUP}/kopf"
     settings.posting.level = logging.WARNING  # our own Events say what happened; kopf's would double them
     # Server-side selector: the watch carries only meshtls's Secrets, not every Secret of the cluster (memory, API load)
