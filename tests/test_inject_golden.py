@@ -21,7 +21,7 @@ import yaml
 from testsupport.golden import assert_golden
 
 from meshtls.api.constants import ANNOTATION_INJECTED, ANNOTATION_SPIFFE_ID
-from meshtls.dataplane.layout import BUNDLE_DIR, CONFIG_DIR, CONFIG_FILE, IDENTITY_DIR
+from meshtls.dataplane.layout import BUNDLE_DIR, CONFIG_DIR, CONFIG_FILE, IDENTITY_DIR, WORKLOAD_API_DIR
 from meshtls.injection.admission import AdmissionOutcome, review_pod_admission
 from meshtls.injection.inject import PodShapeError, build_injection_patch, escape_pointer_token
 from meshtls.injection.target import SIDECAR_NAME, InjectionOptions, InjectionTarget
@@ -205,6 +205,20 @@ def test_golden_output_is_a_fixed_point(name: str) -> None:
     assert outcome.response["response"]["allowed"] is True
 
 
+def without_workload_api(container: dict[str, Any]) -> dict[str, Any]:
+    """The container as the pod had it: the socket's mount and SPIFFE_ENDPOINT_SOCKET taken out again."""
+    out = dict(container)
+    for key, ours in (("volumeMounts", lambda m: m.get("mountPath") == WORKLOAD_API_DIR and m.get("readOnly")),
+                      ("env", lambda e: e.get("value") == f"unix://{WORKLOAD_API_DIR}/agent.sock")):
+        if key in out:
+            kept = [x for x in out[key] if not ours(x)]
+            if kept:
+                out[key] = kept
+            else:  # the injector added the list (no pod in the corpus has an empty one)
+                del out[key]
+    return out
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_golden_invariants(name: str) -> None:
     case = load_case(name)
@@ -227,7 +241,8 @@ def test_golden_invariants(name: str) -> None:
     ours = {m["name"] for m in sidecar["volumeMounts"]}
     for key in ("containers", "initContainers", "volumes"):
         before = case.pod["spec"].get(key) or []
-        after = [x for x in spec.get(key) or [] if x is not sidecar and not (key == "volumes" and x["name"] in ours)]
+        after = [without_workload_api(x) if key != "volumes" else x for x in spec.get(key) or []
+                 if x is not sidecar and not (key == "volumes" and x["name"] in ours)]
         assert after == before, key
     for key, value in (case.pod["metadata"].get("annotations") or {}).items():
         if key != ANNOTATION_SPIFFE_ID:
@@ -235,9 +250,20 @@ def test_golden_invariants(name: str) -> None:
     volume_names = [v["name"] for v in spec["volumes"]]
     assert len(volume_names) == len(set(volume_names))
     mounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
+    socket = mounts.pop(WORKLOAD_API_DIR, None)
     assert set(mounts) == {IDENTITY_DIR, BUNDLE_DIR, CONFIG_DIR}
     assert all(m["readOnly"] and m["name"] in volume_names for m in mounts.values())
-    assert sidecar["command"] == [SIDECAR_NAME, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"]
+    command = [SIDECAR_NAME, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"]
+    if socket is None:
+        assert sidecar["command"] == command
+    else:  # the sidecar alone writes the socket's emptyDir; every app container that got it reads it
+        assert not socket.get("readOnly") and socket["name"] in volume_names
+        assert sidecar["command"][:5] == [*command, "--workload-api-socket", f"{WORKLOAD_API_DIR}/agent.sock"]
+        for c in [*spec.get("initContainers", []), *spec["containers"]]:
+            app_mounts = [m for m in c.get("volumeMounts") or [] if m["name"] == socket["name"]]
+            if c is not sidecar and app_mounts:
+                assert app_mounts == [{"name": socket["name"], "mountPath": WORKLOAD_API_DIR, "readOnly": True}]
+                assert {"name": "SPIFFE_ENDPOINT_SOCKET", "value": f"unix://{WORKLOAD_API_DIR}/agent.sock"} in c["env"]
     sc = sidecar["securityContext"]
     assert sc["runAsNonRoot"] and sc["runAsUser"] == 65532 and not sc["allowPrivilegeEscalation"]
     assert sc["readOnlyRootFilesystem"] and sc["capabilities"] == {"drop": ["ALL"]}

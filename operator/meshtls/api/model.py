@@ -199,6 +199,7 @@ class TrustDomainSpec:
     bundle_namespace_selector: dict[str, str] = field(default_factory=dict)  # extra namespaces by label
     crl_validity: dt.timedelta = DEFAULT_CRL_VALIDITY
     federates_with: tuple[dict[str, str], ...] = ()
+    workload_api: bool = False  # the default of its identities' spec.workloadAPI.enabled
 
     def rotate_before(self, validity: dt.timedelta) -> dt.timedelta:
         return self.ca_rotate_before or validity * DEFAULT_CA_ROTATE_BEFORE_PERCENT / 100
@@ -320,6 +321,7 @@ def parse_trust_domain(body: Mapping[str, Any]) -> TrustDomainSpec:
         crl_validity=crl_validity,
         federates_with=tuple(dict(_object(f, f"spec.federatesWith[{i}]"))
                              for i, f in enumerate(_list(spec.get("federatesWith"), "spec.federatesWith"))),
+        workload_api=bool(workload_api_enabled(spec.get("workloadAPI"))),
     )
 
 
@@ -352,6 +354,7 @@ class WorkloadIdentitySpec:
     inbound: tuple[InboundPort, ...] = ()
     outbound: tuple[OutboundUpstream, ...] = ()
     allowed_peers: tuple[str, ...] = ()
+    workload_api: bool | None = None  # spec.workloadAPI.enabled; None: the trust domain's default
 
     def spiffe_id(self, trust_domain: str) -> SpiffeId:
         """Derived, never free-form: no namespace can claim another's identity."""
@@ -370,6 +373,12 @@ class EffectiveIdentity:
     renew_before: dt.timedelta | None
     renew_at_fraction: float
     backdate: dt.timedelta
+    workload_api: bool = False  # the pod gets the SPIFFE Workload API socket (docs/workload-api.md)
+
+    @property
+    def has_sidecar(self) -> bool:
+        """Injected pods carry the sidecar for its routes, or for the Workload API alone."""
+        return bool(self.spec.inbound or self.spec.outbound or self.workload_api)
 
 
 def _inbound(value: Any) -> tuple[InboundPort, ...]:
@@ -426,6 +435,22 @@ def check_sidecar_ports(inbound: tuple[InboundPort, ...], outbound: tuple[Outbou
         if taken:
             raise SpecError(field_path, f"{u.listen_port} is already {taken}: each port may be used once")
         owner[u.listen_port] = field_path
+
+
+def workload_api_enabled(value: Any, field_path: str = "spec.workloadAPI") -> bool | None:
+    """`workloadAPI: {enabled: true|false}`; None when absent (a WorkloadIdentity then follows its TrustDomain)."""
+    if value is None:
+        return None
+    section = _object(value, field_path)
+    unknown = sorted(set(section) - {"enabled"})
+    if unknown:
+        raise SpecError(f"{field_path}.{unknown[0]}", "is not a field of workloadAPI (it has only enabled)")
+    enabled = section.get("enabled")
+    if enabled is None:
+        return None
+    if not isinstance(enabled, bool):
+        raise SpecError(f"{field_path}.enabled", f"must be true or false, not {_kind(enabled)}")
+    return enabled
 
 
 def _percent(value: Any) -> int | None:
@@ -487,7 +512,8 @@ def parse_workload_identity(body: Mapping[str, Any]) -> WorkloadIdentitySpec:
                                            f"characters (at most {MAX_OBJECT_NAME}): set a shorter spec.secretName")
     inbound, outbound = _inbound(spec.get("inbound")), _outbound(spec.get("outbound"))
     check_sidecar_ports(inbound, outbound)
-    if (inbound or outbound) and len(name + SIDECAR_CONFIG_SUFFIX) > MAX_OBJECT_NAME:
+    workload_api = workload_api_enabled(spec.get("workloadAPI"))
+    if (inbound or outbound or workload_api) and len(name + SIDECAR_CONFIG_SUFFIX) > MAX_OBJECT_NAME:
         raise SpecError("metadata.name", f"the sidecar ConfigMap {name[:40]}...{SIDECAR_CONFIG_SUFFIX} would exceed "
                                          f"{MAX_OBJECT_NAME} characters: use a shorter name")
     selector = _object(spec.get("podSelector"), "spec.podSelector")
@@ -507,6 +533,7 @@ def parse_workload_identity(body: Mapping[str, Any]) -> WorkloadIdentitySpec:
         inbound=inbound,
         outbound=outbound,
         allowed_peers=allowed,
+        workload_api=workload_api,
     )
 
 
@@ -569,4 +596,5 @@ def resolve_identity(spec: WorkloadIdentitySpec, td: TrustDomainSpec) -> Effecti
         renew_at_fraction=(spec.renew_at_percent or DEFAULT_RENEW_AT_PERCENT) / 100,
         # a 20 s certificate backdated by a minute would be mostly in the past: cap at a quarter of the TTL
         backdate=min(policy.backdate, ttl / 4),
+        workload_api=td.workload_api if spec.workload_api is None else spec.workload_api,
     )

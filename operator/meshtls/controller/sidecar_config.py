@@ -17,10 +17,11 @@ from meshtls.kube.client import ApiError
 
 async def publish_sidecar_config(op: Operator, body: dict[str, Any], identity: EffectiveIdentity,
                                   bundle_config_map: str) -> None:
-    """Identities with inbound or outbound routes get a rendered proxy.yaml and are offered to the injector."""
+    """Identities with inbound or outbound routes (or the Workload API) get a rendered proxy.yaml and are offered to
+    the injector."""
     spec = identity.spec
     key = IdentityKey(spec.namespace, spec.name)
-    if not spec.inbound and not spec.outbound:
+    if not identity.has_sidecar:
         op.targets.remove(spec.namespace, spec.name)
         return
     text = render_sidecar_config(identity).to_yaml()

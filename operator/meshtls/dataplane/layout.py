@@ -11,6 +11,10 @@ IDENTITY_DIR = "/var/run/meshtls/identity"  # the identity Secret
 BUNDLE_DIR = "/var/run/meshtls/bundle"  # the trust bundle ConfigMap
 CONFIG_DIR = "/etc/meshtls"  # the rendered sidecar config
 CONFIG_FILE = "proxy.yaml"
+# the SPIFFE Workload API (docs/workload-api.md): a per-pod emptyDir shared by the sidecar and the app containers
+WORKLOAD_API_DIR = "/var/run/meshtls/workload-api"
+WORKLOAD_API_SOCKET = "agent.sock"
+SPIFFE_ENDPOINT_SOCKET_ENV = "SPIFFE_ENDPOINT_SOCKET"  # the SPIFFE Workload Endpoint spec's variable
 
 DATA_LINK = "..data"  # the kubelet's atomic-update symlink in a projected volume
 

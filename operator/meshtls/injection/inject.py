@@ -16,12 +16,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshtls.api.constants import ANNOTATION_INJECTED, ANNOTATION_SPIFFE_ID
-from meshtls.dataplane.layout import BUNDLE_DIR, BUNDLE_FILE, CONFIG_DIR, CONFIG_FILE, CRL_FILE, IDENTITY_DIR
+from meshtls.dataplane.layout import (
+    BUNDLE_DIR,
+    BUNDLE_FILE,
+    CONFIG_DIR,
+    CONFIG_FILE,
+    CRL_FILE,
+    IDENTITY_DIR,
+    SPIFFE_ENDPOINT_SOCKET_ENV,
+    WORKLOAD_API_DIR,
+    WORKLOAD_API_SOCKET,
+)
 from meshtls.injection.target import (
     SIDECAR_NAME,
     VOLUME_BUNDLE,
     VOLUME_CONFIG,
     VOLUME_IDENTITY,
+    VOLUME_WORKLOAD_API,
     InjectionOptions,
     InjectionTarget,
 )
@@ -35,6 +46,12 @@ PORT_NAME_PREFIX = "mtls-"
 # "world" is the sidecar container alone.
 MODE_GROUP_READ = 0o440
 MODE_ALL_READ = 0o444
+# The Workload API socket: with fsGroup the kubelet makes the emptyDir group-owned by it and setgid, so the socket
+# inherits the group every container of the pod has and 0660 reaches them all; without fsGroup the app containers may
+# run as any uid, and the emptyDir (mounted by this pod's containers only) is the boundary: 0666.
+SOCKET_MODE_GROUP = "0660"
+SOCKET_MODE_POD = "0666"
+WORKLOAD_API_SOCKET_PATH = f"{WORKLOAD_API_DIR}/{WORKLOAD_API_SOCKET}"
 ALREADY_INJECTED = "meshtls: pod already injected ({}); left unchanged"
 
 
@@ -150,6 +167,8 @@ def _unique_name(base: str, taken: set[str]) -> str:
 
 
 def _volumes(target: InjectionTarget, names: Mapping[str, str], identity_mode: int) -> list[dict[str, Any]]:
+    socket = [{"name": names[VOLUME_WORKLOAD_API], "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}}] \
+        if target.workload_api else []
     return [
         {"name": names[VOLUME_IDENTITY],
          "secret": {"secretName": target.secret_name, "defaultMode": identity_mode}},
@@ -159,6 +178,7 @@ def _volumes(target: InjectionTarget, names: Mapping[str, str], identity_mode: i
         {"name": names[VOLUME_CONFIG],
          "configMap": {"name": target.config_map, "defaultMode": MODE_ALL_READ,
                        "items": [{"key": CONFIG_FILE, "path": CONFIG_FILE}]}},
+        *socket,
     ]
 
 
@@ -167,10 +187,11 @@ def _unique_ports(ports: Iterable[int]) -> list[int]:
 
 
 def sidecar_container(target: InjectionTarget, options: InjectionOptions,
-                      volume_names: Mapping[str, str] | None = None) -> dict[str, Any]:
+                      volume_names: Mapping[str, str] | None = None, socket_mode: str = SOCKET_MODE_POD
+                      ) -> dict[str, Any]:
     """The `meshtls-proxy` container; `restartPolicy: Always` (a native sidecar) when options.native_sidecar."""
     names = {VOLUME_IDENTITY: VOLUME_IDENTITY, VOLUME_BUNDLE: VOLUME_BUNDLE, VOLUME_CONFIG: VOLUME_CONFIG,
-             **(volume_names or {})}
+             VOLUME_WORKLOAD_API: VOLUME_WORKLOAD_API, **(volume_names or {})}
     container: dict[str, Any] = {
         "name": SIDECAR_NAME,
         "image": options.image,
@@ -179,6 +200,9 @@ def sidecar_container(target: InjectionTarget, options: InjectionOptions,
     if options.native_sidecar:
         container["restartPolicy"] = "Always"
     container["command"] = [SIDECAR_NAME, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"]
+    if target.workload_api:
+        container["command"] += ["--workload-api-socket", WORKLOAD_API_SOCKET_PATH,
+                                 "--workload-api-socket-mode", socket_mode]
     ports = _unique_ports(target.inbound_ports)
     if ports:
         container["ports"] = [{"name": f"{PORT_NAME_PREFIX}{p}"[:15], "containerPort": p, "protocol": "TCP"}
@@ -188,6 +212,8 @@ def sidecar_container(target: InjectionTarget, options: InjectionOptions,
         {"name": names[VOLUME_BUNDLE], "mountPath": BUNDLE_DIR, "readOnly": True},
         {"name": names[VOLUME_CONFIG], "mountPath": CONFIG_DIR, "readOnly": True},
     ]
+    if target.workload_api:
+        container["volumeMounts"].append({"name": names[VOLUME_WORKLOAD_API], "mountPath": WORKLOAD_API_DIR})
     probe = {"httpGet": {"path": READY_PATH, "port": target.admin_port}}
     # started = certificate loaded: a native sidecar holds the app containers back until then (up to 2 minutes)
     container["startupProbe"] = {**probe, "periodSeconds": 1, "timeoutSeconds": 2, "failureThreshold": 120}
@@ -208,6 +234,37 @@ def sidecar_container(target: InjectionTarget, options: InjectionOptions,
     }
     container["terminationMessagePolicy"] = "FallbackToLogsOnError"
     return container
+
+
+def _workload_api_patch(containers: list[dict[str, Any]], key: str, volume: str) -> tuple[list[dict[str, Any]],
+                                                                                       list[str]]:
+    """Mount the socket's emptyDir (read-only: the sidecar alone creates the socket) into each of `containers` and
+    name it in SPIFFE_ENDPOINT_SOCKET; a container that already sets the variable or uses the path keeps its own."""
+    patch: list[dict[str, Any]] = []
+    warnings: list[str] = []
+    for i, c in enumerate(containers):
+        where = f"/spec/{key}/{i}"
+        env = c.get("env")
+        mounts = c.get("volumeMounts")
+        if env is not None and not isinstance(env, list):
+            raise PodShapeError(f"spec.{key}[{i}].env", f"must be a list, not {_type_name(env)}")
+        if mounts is not None and not isinstance(mounts, list):
+            raise PodShapeError(f"spec.{key}[{i}].volumeMounts", f"must be a list, not {_type_name(mounts)}")
+        if any(isinstance(e, dict) and e.get("name") == SPIFFE_ENDPOINT_SOCKET_ENV for e in env or []):
+            warnings.append(f"meshtls: container {c['name']} sets {SPIFFE_ENDPOINT_SOCKET_ENV} itself: left as it "
+                            f"is, so it does not use meshtls's Workload API")
+            continue
+        if any(isinstance(m, dict) and m.get("mountPath") == WORKLOAD_API_DIR for m in mounts or []):
+            warnings.append(f"meshtls: container {c['name']} mounts something at {WORKLOAD_API_DIR}: the Workload "
+                            "API socket is not mounted there")
+            continue
+        mount = {"name": volume, "mountPath": WORKLOAD_API_DIR, "readOnly": True}
+        variable = {"name": SPIFFE_ENDPOINT_SOCKET_ENV, "value": f"unix://{WORKLOAD_API_SOCKET_PATH}"}
+        patch.append({"op": "add", "path": f"{where}/volumeMounts", "value": [mount]} if mounts is None else
+                     {"op": "add", "path": f"{where}/volumeMounts/-", "value": mount})
+        patch.append({"op": "add", "path": f"{where}/env", "value": [variable]} if env is None else
+                     {"op": "add", "path": f"{where}/env/-", "value": variable})
+    return patch, warnings
 
 
 def _declared_ports(containers: Iterable[Mapping[str, Any]]) -> dict[int, list[str]]:
@@ -259,7 +316,7 @@ def build_injection_patch(pod: Mapping[str, Any], target: InjectionTarget,
 
     taken = {v["name"] for v in volumes}
     names: dict[str, str] = {}
-    for base in (VOLUME_IDENTITY, VOLUME_BUNDLE, VOLUME_CONFIG):
+    for base in (VOLUME_IDENTITY, VOLUME_BUNDLE, VOLUME_CONFIG, VOLUME_WORKLOAD_API):
         names[base] = _unique_name(base, taken)
         taken.add(names[base])
     security = _object_or_none(spec.get("securityContext"), "spec.securityContext") or {}
@@ -271,7 +328,16 @@ def build_injection_patch(pod: Mapping[str, Any], target: InjectionTarget,
     else:
         patch.extend({"op": "add", "path": "/spec/volumes/-", "value": v} for v in new_volumes)
 
-    container = sidecar_container(target, options, names)
+    warnings: list[str] = []
+    if target.workload_api:
+        # before the sidecar is added, so the indices are the pod's own; init containers only when the native
+        # sidecar starts before them (a plain one would start after them: they would wait for a socket forever)
+        for key, group in (("containers", containers), *([("initContainers", init_containers)]
+                                                          if options.native_sidecar else [])):
+            added, said = _workload_api_patch(group, key, names[VOLUME_WORKLOAD_API])
+            patch.extend(added)
+            warnings.extend(said)
+    container = sidecar_container(target, options, names, SOCKET_MODE_GROUP if has_fs_group else SOCKET_MODE_POD)
     if options.native_sidecar:  # first, so it runs before every other init container and the app
         if spec.get("initContainers") is None:
             patch.append({"op": "add", "path": "/spec/initContainers", "value": [container]})
@@ -294,4 +360,5 @@ def build_injection_patch(pod: Mapping[str, Any], target: InjectionTarget,
                 patch.append({"op": op, "path": f"/metadata/annotations/{escape_pointer_token(key)}",
                               "value": value})
 
-    return InjectionResult(patch, _warnings(spec, containers, init_containers, target, options), injected=True)
+    return InjectionResult(patch, _warnings(spec, containers, init_containers, target, options) + warnings,
+                           injected=True)

@@ -56,4 +56,5 @@ def injection_target(identity: EffectiveIdentity, bundle_config_map: str) -> Inj
         bundle_config_map=bundle_config_map,
         pod_selector=dict(spec.pod_selector),
         inbound_ports=tuple(p.port for p in spec.inbound),
+        workload_api=identity.workload_api,
     )

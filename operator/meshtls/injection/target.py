@@ -11,6 +11,7 @@ SIDECAR_NAME = "meshtls-proxy"
 VOLUME_IDENTITY = "meshtls-identity"
 VOLUME_BUNDLE = "meshtls-bundle"
 VOLUME_CONFIG = "meshtls-config"
+VOLUME_WORKLOAD_API = "meshtls-workload-api"
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class InjectionTarget:
     pod_selector: Mapping[str, str] = field(default_factory=dict)
     inbound_ports: tuple[int, ...] = ()
     admin_port: int = 15090
+    workload_api: bool = False  # the SPIFFE Workload API socket in the pod (docs/workload-api.md)
 
     def selects(self, pod_labels: Mapping[str, str]) -> bool:
         return all(pod_labels.get(k) == v for k, v in self.pod_selector.items())

@@ -252,13 +252,15 @@ class InjectionWebhook:
             ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions", []))
             try:
                 spec = parse_workload_identity(body)
-                if spec.service_account != service_account or not ready or not (spec.inbound or spec.outbound):
+                if spec.service_account != service_account or not ready:
                     continue
                 td_name = str(status.get("trustDomain") or "")
                 td_body = await self.kube.run(self.kube.get_trust_domain, td_name)
                 # deleted since it was Ready: its pods keep the identity's Secret and the default bundle
                 td = parse_trust_domain(td_body) if td_body else TrustDomainSpec(name=td_name)
                 identity = resolve_identity(spec, td)
+                if not identity.has_sidecar:
+                    continue
             except PKIError as exc:  # not Ready for long: the acting replica reports it on the identity
                 log.debug("identity %s/%s is not injectable: %s", namespace, (body.get("metadata") or {}).get("name"),
                           exc)
