@@ -53,6 +53,9 @@ class Proxy:
         self._stop: asyncio.Event | None = None
         self._failures_seen = 0
         self.started = False
+        # what else the pod serves from the same files (the Workload API): told after every reload tick, scraped too
+        self.observers: list[Callable[[], object]] = []
+        self.metric_sources: list[Callable[[], bytes]] = []
 
     # TLS material ---------------------------------------------------------------------------------------------
     def reload(self) -> bool:
@@ -144,7 +147,14 @@ class Proxy:
         )
 
     def metrics(self) -> bytes:
-        return render_metrics(self.stats, self.gauges())
+        return render_metrics(self.stats, self.gauges()) + b"".join(source() for source in self.metric_sources)
+
+    def _tell_observers(self) -> None:
+        for observer in self.observers:
+            try:
+                observer()
+            except Exception:  # one consumer's bug must not stop the reloads
+                self.log.exception("reload observer failed")
 
     # lifecycle -------------------------------------------------------------------------------------------------
     def spawn(self, coro: Coroutine[Any, Any, None], *sides: Side) -> None:
@@ -165,6 +175,7 @@ class Proxy:
         loop = asyncio.get_running_loop()
         self._stop = asyncio.Event()
         self.reload()
+        self._tell_observers()
         if self.contexts is None:
             self.log.error("no usable identity yet (%s); listening anyway and refusing connections until it loads",
                       self.reloader.status.last_error)
@@ -194,6 +205,7 @@ class Proxy:
                 self.reload()
             except Exception:  # never let a surprise stop the reloads
                 self.log.exception("reload crashed; will retry")
+            self._tell_observers()
 
     def request_stop(self) -> None:
         if self._stop is not None:
