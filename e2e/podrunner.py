@@ -10,6 +10,8 @@ port maps to a free loopback port, since all "pods" share this machine's network
 from __future__ import annotations
 
 import base64
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -38,12 +40,18 @@ class PodSidecar:
         assert self.container.command and self.container.command[0] == "meshtls-proxy", self.container.command
         volumes = {v.name: v for v in pod.spec.volumes or []}
         self.mounts: dict[str, tuple[str, str, Path]] = {}  # container path -> (kind, object name, host dir)
+        # an emptyDir (the Workload API's socket) lives under a short path: a Unix socket's path is at most 107 bytes
+        self._scratch = Path(tempfile.mkdtemp(prefix="meshtls-pod-"))
         for mount in self.container.volume_mounts or []:
             volume = volumes[mount.name]
             if volume.secret is not None:
                 source = ("secret", volume.secret.secret_name)
             elif volume.config_map is not None:
                 source = ("configmap", volume.config_map.name)
+            elif volume.empty_dir is not None:
+                self.mounts[mount.mount_path] = ("emptydir", mount.name, self._scratch / mount.name)
+                (self._scratch / mount.name).mkdir()
+                continue
             else:
                 continue
             self.mounts[mount.mount_path] = (*source, self.dir / mount.name)
@@ -66,6 +74,8 @@ class PodSidecar:
 
     def sync(self) -> None:
         for kind, name, host_dir in self.mounts.values():
+            if kind == "emptydir":
+                continue
             data = self._read(kind, name)
             if data is not None and write_atomic_volume(host_dir, data):
                 self.syncs += 1
@@ -80,18 +90,35 @@ class PodSidecar:
     def host_path(self, container_path: str) -> Path:
         return self.mounts[container_path][2]
 
+    def translate(self, value: str) -> str:
+        """A container path (or a unix:// URI of one) under a mount, as the path on this machine."""
+        scheme = "unix://" if value.startswith("unix://") else ""
+        path = value[len(scheme):]
+        for mount_path, (_, _, host_dir) in sorted(self.mounts.items(), key=lambda m: -len(m[0])):
+            if path == mount_path or path.startswith(mount_path + "/"):
+                return scheme + str(host_dir) + path[len(mount_path):]
+        return value
+
+    def app_env(self, container: str = "app") -> dict[str, str]:
+        """The env the webhook gave an app container, its paths translated (SPIFFE_ENDPOINT_SOCKET, ...)."""
+        (app,) = [c for c in self.pod.spec.containers if c.name == container]
+        return {e.name: self.translate(e.value or "") for e in app.env or []}
+
     def start(self) -> SidecarProcess:
         self.sync()
         config_arg = self.container.command[self.container.command.index("--config") + 1]
         config_dir = str(Path(config_arg).parent)
         config = yaml.safe_load((self.host_path(config_dir) / Path(config_arg).name).read_text())
         config["admin"] = {"address": "127.0.0.1", "port": free_port()}
+        command = list(self.container.command)
+        rest = command[command.index("--config") + 2:]  # e.g. --workload-api-socket <path in the container>
         self.process = SidecarProcess(
             config,
             identity_dir=self.host_path(config["identityDir"]),
             bundle_dir=self.host_path(config["bundleDir"]),
             config_dir=self.dir / "rendered-config",
             log_file=self.dir / "sidecar.log",
+            extra_args=tuple(self.translate(arg) for arg in rest),
         )
         self.process.start()
         self._thread.start()
@@ -101,3 +128,4 @@ class PodSidecar:
         self._stop.set()
         if self.process is not None:
             self.process.stop()
+        shutil.rmtree(self._scratch, ignore_errors=True)
