@@ -12,6 +12,8 @@ import datetime as dt
 import os
 import shutil
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,14 +28,26 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 from spiffe import WorkloadApiClient
 from spiffe._proto import workload_pb2
 from spiffe.spiffe_id.spiffe_id import TrustDomain
-from testsupport.kubelet import identity_files, write_atomic_volume
-from testsupport.proxymesh import ProxyThread, Workload, issue, metric, spiffe
+from testsupport.kubelet import http_get, identity_files, write_atomic_volume
+from testsupport.proxymesh import ProxyThread, Workload, free_ports, issue, metric, spiffe
 
+from meshtls.dataplane.layout import BUNDLE_DIR, CONFIG_DIR, IDENTITY_DIR, WORKLOAD_API_DIR
+from meshtls.injection.inject import workload_api_container
+from meshtls.injection.target import InjectionOptions, InjectionTarget
 from meshtls.pki import CertificateAuthority, build_crl, crl_pem, generate_ca, issue_svid, workload_spiffe_id
 from meshtls.pki.crl import RevokedCertificate
 from meshtls.pki.keys import load_private_key_pem
 from meshtls.proxy.main import attach_workload_api
-from meshtls.proxy.workload_api import NO_JWT, WorkloadApiServer, socket_mode
+from meshtls.proxy.volumes import Bundle, Identity
+from meshtls.proxy.workload_api import (
+    NO_JWT,
+    Material,
+    Refusal,
+    WorkloadApiServer,
+    decide,
+    decide_bundles,
+    socket_mode,
+)
 
 WALL_CLOCK = True  # the proxy judges validity against the real time
 pytestmark = pytest.mark.timeout(60)
@@ -343,3 +357,107 @@ def test_a_certificate_from_a_ca_outside_the_bundle_is_unavailable(tmp_path: Pat
         assert code == grpc.StatusCode.UNAVAILABLE and "does not verify" in details
     finally:
         api.proxy.stop()
+
+
+# --- the Workload API alone, as injected beside a data plane that is not meshtls-proxy -------------------------------
+
+
+def test_the_standalone_container_serves_the_same_api(tmp_path: Path, ca: CertificateAuthority) -> None:
+    workload = Workload("web", tmp_path, ca)
+    target = InjectionTarget("web", "web", spiffe("web"), "web-mtls", "web-meshtls-proxy", "meshtls-bundle",
+                             workload_api=True)
+    container = workload_api_container(target, InjectionOptions())
+    socket_dir = tmp_path / "s"
+    host = {IDENTITY_DIR: str(workload.identity_dir), BUNDLE_DIR: str(workload.bundle_dir),
+            WORKLOAD_API_DIR: str(socket_dir)}
+    mounts = {m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts == set(host) and CONFIG_DIR not in mounts  # no proxy config: it has no listeners
+
+    def on_host(arg: str) -> str:
+        for path, there in host.items():
+            arg = arg.replace(path, there)
+        return arg
+
+    admin = free_ports(1)[0]
+    command = [on_host(a) for a in container["command"]]
+    command[command.index("--admin-port") + 1] = str(admin)
+    assert command[0] == "meshtls-workload-api"
+    executable = str(Path(sys.executable).parent / command[0])
+    process = subprocess.Popen([executable, *command[1:], "--identity-dir", str(workload.identity_dir),
+                                "--bundle-dir", str(workload.bundle_dir)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        socket_path = str(socket_dir / "agent.sock")
+        deadline = time.monotonic() + 20
+        while not os.path.exists(socket_path):
+            assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()  # type: ignore[union-attr]
+            time.sleep(0.05)
+        with WorkloadApiClient(f"unix://{socket_path}") as client:
+            svid = client.fetch_x509_svid(timeout=10)
+        assert str(svid.spiffe_id) == spiffe("web")
+        assert svid.leaf.serial_number == workload.cert.serial_number
+        status, body = http_get(f"http://127.0.0.1:{admin}/metrics")
+        assert status == 200 and b"meshtls_proxy_workload_api_serving 1" in body
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_the_standalone_command_refuses_a_bad_spiffe_id(tmp_path: Path) -> None:
+    result = subprocess.run([str(Path(sys.executable).parent / "meshtls-workload-api"), "--spiffe-id", "web",
+                             "--workload-api-socket", str(tmp_path / "a.sock")], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 2 and "--spiffe-id" in result.stderr
+
+
+# --- the decision, pure ---------------------------------------------------------------------------------------------
+
+
+def _views(ca: CertificateAuthority, now: dt.datetime, roots: tuple[x509.Certificate, ...] = ()) -> tuple[Any, Any]:
+    cert = issue_svid(ca, workload_spiffe_id(TD, "default", "web"), now, dt.timedelta(hours=1))
+    identity = Identity("v1", cert.cert_chain_pem, cert.key_pem, x509.load_pem_x509_certificate(cert.cert_chain_pem),
+                        spiffe("web"))
+    all_roots = (ca.certificate, *roots)
+    bundle = Bundle("v1", b"".join(r.public_bytes(Encoding.PEM) for r in all_roots), all_roots, b"", ())
+    return identity, bundle
+
+
+def test_roots_are_grouped_by_the_trust_domain_they_name_and_a_nameless_root_is_the_pods_own(
+        ca: CertificateAuthority) -> None:
+    now = dt.datetime.now(dt.UTC)  # the module's CAs are born at the wall clock
+    partner = generate_ca("partner.test", now)
+    nameless = _intermediate_free_root(now)
+    identity, bundle = _views(ca, now, (partner.certificate, nameless))
+    material = decide(identity, bundle, spiffe("web"), True, now)
+    assert isinstance(material, Material)
+    assert set(material.trust.bundles) == {f"spiffe://{TD}", "spiffe://partner.test"}
+    assert certs_of(material.trust.own) == [ca.certificate, nameless]
+    assert material.trust.federated == {"spiffe://partner.test": partner.certificate.public_bytes(Encoding.DER)}
+
+
+def test_validity_is_judged_by_the_injected_clock(ca: CertificateAuthority) -> None:
+    now = dt.datetime.now(dt.UTC)
+    identity, bundle = _views(ca, now)
+    assert isinstance(decide(identity, bundle, spiffe("web"), True, now), Material)
+    early = decide(identity, bundle, spiffe("web"), True, now - dt.timedelta(hours=1))
+    late = decide(identity, bundle, spiffe("web"), True, now + dt.timedelta(hours=2))
+    assert isinstance(early, Refusal) and early.code == "UNAVAILABLE" and "not valid before" in early.message
+    assert isinstance(late, Refusal) and late.code == "UNAVAILABLE" and "expired" in late.message
+    gone = decide(identity, bundle, spiffe("web"), False, now)
+    assert isinstance(gone, Refusal) and gone.code == "PERMISSION_DENIED"
+    refused = decide_bundles(bundle, TD, False)
+    assert isinstance(refused, Refusal) and refused.code == "PERMISSION_DENIED"
+
+
+def _intermediate_free_root(now: dt.datetime) -> x509.Certificate:
+    """A self-signed CA with no SAN at all, like many a brought root."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "team root")])
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - dt.timedelta(days=1))
+            .not_valid_after(now + dt.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))

@@ -267,6 +267,36 @@ def _workload_api_patch(containers: list[dict[str, Any]], key: str, volume: str)
     return patch, warnings
 
 
+WORKLOAD_API_CONTAINER = "meshtls-workload-api"
+WORKLOAD_API_ADMIN_PORT = 15091
+
+
+def workload_api_container(target: InjectionTarget, options: InjectionOptions,
+                           volume_names: Mapping[str, str] | None = None, socket_mode: str = SOCKET_MODE_POD
+                           ) -> dict[str, Any]:
+    """The Workload API alone (`meshtls-workload-api`), for a pod whose data plane is not meshtls-proxy (Envoy):
+    the same image, reloader and server, no listeners; a native sidecar beside the data plane's. Where
+    meshtls-proxy runs, `sidecar_container` serves the API itself and this container is not added."""
+    names = {VOLUME_IDENTITY: VOLUME_IDENTITY, VOLUME_BUNDLE: VOLUME_BUNDLE,
+             VOLUME_WORKLOAD_API: VOLUME_WORKLOAD_API, **(volume_names or {})}
+    container = sidecar_container(target, options, volume_names, socket_mode)
+    container["name"] = WORKLOAD_API_CONTAINER
+    container["command"] = [WORKLOAD_API_CONTAINER, "--spiffe-id", target.spiffe_id,
+                            "--admin-port", str(WORKLOAD_API_ADMIN_PORT),
+                            "--workload-api-socket", WORKLOAD_API_SOCKET_PATH,
+                            "--workload-api-socket-mode", socket_mode]
+    container.pop("ports", None)
+    container["volumeMounts"] = [
+        {"name": names[VOLUME_IDENTITY], "mountPath": IDENTITY_DIR, "readOnly": True},
+        {"name": names[VOLUME_BUNDLE], "mountPath": BUNDLE_DIR, "readOnly": True},
+        {"name": names[VOLUME_WORKLOAD_API], "mountPath": WORKLOAD_API_DIR},
+    ]
+    probe = {"httpGet": {"path": READY_PATH, "port": WORKLOAD_API_ADMIN_PORT}}
+    container["startupProbe"] = {**container["startupProbe"], **probe}
+    container["readinessProbe"] = {**container["readinessProbe"], **probe}
+    return container
+
+
 def _declared_ports(containers: Iterable[Mapping[str, Any]]) -> dict[int, list[str]]:
     """containerPort -> names of the containers declaring it (lenient: these only feed warnings)."""
     found: dict[int, list[str]] = {}
