@@ -57,3 +57,26 @@ def test_a_long_name_is_refused_once_the_workload_api_needs_a_sidecar_config() -
     assert err.value.field == "metadata.name"
     body["spec"]["workloadAPI"] = {"enabled": False}
     assert parse_workload_identity(body).workload_api is False
+
+
+def test_turning_the_trust_domains_default_on_offers_its_identities_to_the_injector_at_once() -> None:
+    from meshtls.controller.trust_domains import reconcile_trust_domain
+    from test_controller_identity import create, identity, run, run_due, world
+
+    kube, _clock, op = world()
+
+    async def scenario() -> None:
+        await reconcile_trust_domain(op, kube.trust_domains["a.example"])
+        await create(op, kube, identity("web"))  # no routes: no sidecar yet
+        assert op.targets.lookup("shop", "web") == []
+        kube.trust_domains["a.example"]["spec"]["workloadAPI"] = {"enabled": True}
+        await reconcile_trust_domain(op, kube.trust_domains["a.example"])
+        await run_due(op)  # the identity's reconcile, scheduled now
+        (target,) = op.targets.lookup("shop", "web")
+        assert target.workload_api and ("shop", "web-meshtls-proxy") in kube.configmaps
+        kube.trust_domains["a.example"]["spec"]["workloadAPI"] = {"enabled": False}
+        await reconcile_trust_domain(op, kube.trust_domains["a.example"])
+        await run_due(op)
+        assert op.targets.lookup("shop", "web") == []
+
+    run(scenario())

@@ -28,6 +28,8 @@ async def reconcile_trust_domain(op: Operator, body: dict[str, Any]) -> None:
     name = body["metadata"]["name"]
     status = dict(body.get("status") or {})
     defaults_before = op.trust.default_conflict()
+    known = op.trust.runtime(name)
+    workload_api_before = known.spec.workload_api if known else None
     try:
         runtime, changes = await op.trust.ensure(body)
     except TrustDomainError as exc:
@@ -36,6 +38,10 @@ async def reconcile_trust_domain(op: Operator, body: dict[str, Any]) -> None:
         return
     runtime.last_status = status
     await after_trust_domain_change(op, runtime, changes, body)
+    if workload_api_before is not None and runtime.spec.workload_api != workload_api_before:
+        # its identities' pods get (or lose) the Workload API socket: they are offered to the injector anew
+        for key in sorted(runtime.identities):
+            op.scheduler.schedule(key, op.clock.now())
     if op.trust.default_conflict() != defaults_before:  # the other TrustDomains marked default say so too
         for other in set(defaults_before) | set(op.trust.default_conflict()):
             if other != name:
