@@ -21,10 +21,11 @@ import yaml
 from testsupport.golden import assert_golden
 
 from meshtls.api.constants import ANNOTATION_INJECTED, ANNOTATION_SPIFFE_ID
+from meshtls.dataplane.envoy import ENVOY_FILES, envoy_arguments
 from meshtls.dataplane.layout import BUNDLE_DIR, CONFIG_DIR, CONFIG_FILE, IDENTITY_DIR
 from meshtls.injection.admission import AdmissionOutcome, review_pod_admission
 from meshtls.injection.inject import PodShapeError, build_injection_patch, escape_pointer_token
-from meshtls.injection.target import SIDECAR_NAME, InjectionOptions, InjectionTarget
+from meshtls.injection.target import ENVOY_SIDECAR_NAME, SIDECAR_NAME, InjectionOptions, InjectionTarget
 
 GOLDEN = Path(__file__).parent / "golden" / "inject"
 CASES = sorted(p.name.removesuffix(".in.yaml") for p in GOLDEN.glob("*.in.yaml"))
@@ -216,8 +217,11 @@ def test_golden_invariants(name: str) -> None:
         assert patched == case.pod
         return
     spec = patched["spec"]
-    sidecars = [c for c in [*spec.get("initContainers", []), *spec["containers"]] if c["name"] == SIDECAR_NAME]
-    assert len(sidecars) == 1
+    envoy = all(t.data_plane == "envoy" for t in case.lookup.targets)
+    name = ENVOY_SIDECAR_NAME if envoy else SIDECAR_NAME
+    sidecars = [c for c in [*spec.get("initContainers", []), *spec["containers"]]
+                if c["name"] in (SIDECAR_NAME, ENVOY_SIDECAR_NAME)]
+    assert [c["name"] for c in sidecars] == [name]
     sidecar = sidecars[0]
     if case.options.native_sidecar:
         assert spec["initContainers"][0] is sidecar and sidecar["restartPolicy"] == "Always"
@@ -237,7 +241,18 @@ def test_golden_invariants(name: str) -> None:
     mounts = {m["mountPath"]: m for m in sidecar["volumeMounts"]}
     assert set(mounts) == {IDENTITY_DIR, BUNDLE_DIR, CONFIG_DIR}
     assert all(m["readOnly"] and m["name"] in volume_names for m in mounts.values())
-    assert sidecar["command"] == [SIDECAR_NAME, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"]
+    config_volume = next(v for v in spec["volumes"] if v["name"] == mounts[CONFIG_DIR]["name"])
+    items = [i["key"] for i in config_volume["configMap"]["items"]]
+    if envoy:  # Envoy's launcher, its files only, an exec probe (the admin stays on loopback) and a preStop drain
+        assert sidecar["command"] == ["meshtls-envoy", "run", *envoy_arguments()]
+        assert items == list(ENVOY_FILES)
+        for probe in ("startupProbe", "readinessProbe"):
+            assert sidecar[probe]["exec"]["command"][:2] == ["meshtls-envoy", "ready"]
+        assert sidecar["lifecycle"]["preStop"]["exec"]["command"][:2] == ["meshtls-envoy", "drain"]
+    else:
+        assert sidecar["command"] == [SIDECAR_NAME, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"]
+        assert items == [CONFIG_FILE] and "lifecycle" not in sidecar
+        assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
     sc = sidecar["securityContext"]
     assert sc["runAsNonRoot"] and sc["runAsUser"] == 65532 and not sc["allowPrivilegeEscalation"]
     assert sc["readOnlyRootFilesystem"] and sc["capabilities"] == {"drop": ["ALL"]}

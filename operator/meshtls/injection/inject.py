@@ -1,4 +1,5 @@
-"""The pod patch that dresses a pod with the `meshtls-proxy` sidecar. Pure: a pod dict in, RFC 6902 operations out.
+"""The pod patch that dresses a pod with its sidecar, `meshtls-proxy` or Envoy (the identity's data plane). Pure: a
+pod dict in, RFC 6902 operations out.
 
 The patch only adds (or, for one annotation a user may have pre-set, replaces): it never removes or renames anything
 of the pod's. It adds three volumes (the identity Secret, the trust bundle ConfigMap, the rendered proxy.yaml), the
@@ -16,8 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshtls.api.constants import ANNOTATION_INJECTED, ANNOTATION_SPIFFE_ID
+from meshtls.dataplane.envoy import ENVOY_FILES, envoy_container_command, envoy_drain_command, envoy_ready_command
 from meshtls.dataplane.layout import BUNDLE_DIR, BUNDLE_FILE, CONFIG_DIR, CONFIG_FILE, CRL_FILE, IDENTITY_DIR
 from meshtls.injection.target import (
+    ENVOY_DATA_PLANE,
+    ENVOY_SIDECAR_NAME,
     SIDECAR_NAME,
     VOLUME_BUNDLE,
     VOLUME_CONFIG,
@@ -132,8 +136,9 @@ def injected_marker(pod: Mapping[str, Any]) -> str | None:
     """Why this pod counts as injected already (a sidecar container, or our annotation); None if it does not."""
     spec = pod_spec(pod)
     for key in ("initContainers", "containers"):
-        if any(c["name"] == SIDECAR_NAME for c in _named_objects(spec, key)):
-            return f"{key} has {SIDECAR_NAME}"
+        for name in (SIDECAR_NAME, ENVOY_SIDECAR_NAME):
+            if any(c["name"] == name for c in _named_objects(spec, key)):
+                return f"{key} has {name}"
     if ANNOTATION_INJECTED in pod_annotations(pod):
         return f"annotation {ANNOTATION_INJECTED} is set"
     return None
@@ -158,8 +163,16 @@ def _volumes(target: InjectionTarget, names: Mapping[str, str], identity_mode: i
                        "items": [{"key": BUNDLE_FILE, "path": BUNDLE_FILE}, {"key": CRL_FILE, "path": CRL_FILE}]}},
         {"name": names[VOLUME_CONFIG],
          "configMap": {"name": target.config_map, "defaultMode": MODE_ALL_READ,
-                       "items": [{"key": CONFIG_FILE, "path": CONFIG_FILE}]}},
+                       "items": [{"key": f, "path": f} for f in _config_files(target)]}},
     ]
+
+
+def _config_files(target: InjectionTarget) -> tuple[str, ...]:
+    return ENVOY_FILES if target.data_plane == ENVOY_DATA_PLANE else (CONFIG_FILE,)
+
+
+def sidecar_name(target: InjectionTarget) -> str:
+    return ENVOY_SIDECAR_NAME if target.data_plane == ENVOY_DATA_PLANE else SIDECAR_NAME
 
 
 def _unique_ports(ports: Iterable[int]) -> list[int]:
@@ -168,17 +181,20 @@ def _unique_ports(ports: Iterable[int]) -> list[int]:
 
 def sidecar_container(target: InjectionTarget, options: InjectionOptions,
                       volume_names: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The `meshtls-proxy` container; `restartPolicy: Always` (a native sidecar) when options.native_sidecar."""
+    """The sidecar container of the target's data plane (`meshtls-proxy`, or `meshtls-envoy`: Envoy from the same
+    image); `restartPolicy: Always` (a native sidecar) when options.native_sidecar."""
     names = {VOLUME_IDENTITY: VOLUME_IDENTITY, VOLUME_BUNDLE: VOLUME_BUNDLE, VOLUME_CONFIG: VOLUME_CONFIG,
              **(volume_names or {})}
+    envoy = target.data_plane == ENVOY_DATA_PLANE
     container: dict[str, Any] = {
-        "name": SIDECAR_NAME,
+        "name": sidecar_name(target),
         "image": options.image,
         "imagePullPolicy": options.image_pull_policy,
     }
     if options.native_sidecar:
         container["restartPolicy"] = "Always"
-    container["command"] = [SIDECAR_NAME, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"]
+    container["command"] = envoy_container_command() if envoy else [SIDECAR_NAME, "--config",
+                                                                     f"{CONFIG_DIR}/{CONFIG_FILE}"]
     ports = _unique_ports(target.inbound_ports)
     if ports:
         container["ports"] = [{"name": f"{PORT_NAME_PREFIX}{p}"[:15], "containerPort": p, "protocol": "TCP"}
@@ -188,12 +204,21 @@ def sidecar_container(target: InjectionTarget, options: InjectionOptions,
         {"name": names[VOLUME_BUNDLE], "mountPath": BUNDLE_DIR, "readOnly": True},
         {"name": names[VOLUME_CONFIG], "mountPath": CONFIG_DIR, "readOnly": True},
     ]
-    probe = {"httpGet": {"path": READY_PATH, "port": target.admin_port}}
+    probe: dict[str, Any]
+    if envoy:
+        # Envoy's admin stays on 127.0.0.1 and its /ready ignores rejected SDS updates: an exec that compares the
+        # certificate Envoy serves with the mounted one (meshtls.proxy.envoy_launcher)
+        probe = {"exec": {"command": envoy_ready_command(target.admin_port)}}
+    else:
+        probe = {"httpGet": {"path": READY_PATH, "port": target.admin_port}}
     # started = certificate loaded: a native sidecar holds the app containers back until then (up to 2 minutes)
     container["startupProbe"] = {**probe, "periodSeconds": 1, "timeoutSeconds": 2, "failureThreshold": 120}
     container["readinessProbe"] = {**probe, "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3}
+    if envoy:  # SIGTERM stops Envoy at once: drain the inbound listeners first (meshtls-proxy drains on SIGTERM)
+        container["lifecycle"] = {"preStop": {"exec": {"command": envoy_drain_command(target.admin_port)}}}
     requests = {k: v for k, v in (("cpu", options.cpu_request), ("memory", options.memory_request)) if v}
-    limits = {"memory": options.memory_limit} if options.memory_limit else {}
+    memory_limit = options.envoy_memory_limit if envoy else options.memory_limit
+    limits = {"memory": memory_limit} if memory_limit else {}
     resources = {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
     if resources:
         container["resources"] = resources
@@ -230,13 +255,13 @@ def _warnings(pod_spec_: Mapping[str, Any], containers: list[dict[str, Any]], in
     for port in ours:
         if port in declared:
             warnings.append(f"meshtls: container {', '.join(sorted(set(declared[port])))} declares port {port}, "
-                            f"which the {SIDECAR_NAME} sidecar listens on; one of them will fail to bind")
+                            f"which the {sidecar_name(target)} sidecar listens on; one of them will fail to bind")
     if pod_spec_.get("hostNetwork") is True:
         warnings.append(f"meshtls: pod uses hostNetwork: the sidecar's ports ({', '.join(map(str, ours))}) "
                         "are opened on the node itself and shared with everything else there")
     if not options.native_sidecar and pod_spec_.get("restartPolicy") in ("Never", "OnFailure"):
-        warnings.append(f"meshtls: the {SIDECAR_NAME} sidecar is a regular container (native sidecars are off), "
-                        f"so this restartPolicy {pod_spec_['restartPolicy']} pod will not complete while it runs")
+        warnings.append(f"meshtls: the {sidecar_name(target)} sidecar is a regular container (native sidecars are "
+                        f"off), so this restartPolicy {pod_spec_['restartPolicy']} pod will not complete while it runs")
     return warnings
 
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from meshtls.api.model import DataPlane
 from meshtls.api.names import DEFAULT_SIDECAR_IMAGE
 
 SIDECAR_NAME = "meshtls-proxy"
+ENVOY_SIDECAR_NAME = "meshtls-envoy"  # the container of the Envoy data plane (its command is the launcher's name too)
+ENVOY_DATA_PLANE = DataPlane.ENVOY.value
 VOLUME_IDENTITY = "meshtls-identity"
 VOLUME_BUNDLE = "meshtls-bundle"
 VOLUME_CONFIG = "meshtls-config"
@@ -26,6 +29,7 @@ class InjectionTarget:
     pod_selector: Mapping[str, str] = field(default_factory=dict)
     inbound_ports: tuple[int, ...] = ()
     admin_port: int = 15090
+    data_plane: str = "meshtls-proxy"  # meshtls.api.model.DataPlane's value: which container the pod gets
 
     def selects(self, pod_labels: Mapping[str, str]) -> bool:
         return all(pod_labels.get(k) == v for k, v in self.pod_selector.items())
@@ -38,4 +42,6 @@ class InjectionOptions:
     cpu_request: str = "10m"
     memory_request: str = "32Mi"
     memory_limit: str = "96Mi"
+    # Envoy's RSS is ~70 MB, most of it its 107 MB binary's pages, which the container's memory cgroup counts too
+    envoy_memory_limit: str = "192Mi"
     native_sidecar: bool = True  # an init container with restartPolicy Always (Kubernetes >= 1.29)
