@@ -5,11 +5,11 @@ and leaves the outbound ones to the app. Against a real Envoy with volumes writt
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
