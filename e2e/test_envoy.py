@@ -290,8 +290,26 @@ def test_5000_requests_across_rotations_and_a_ca_rotation_have_no_failure(envoy_
         assert envoy_mesh.envoy(name).stats().get("sds.identity.update_rejected", 0) == 0
 
 
+def keep_alive_get(conn: ssl.SSLSocket, path: str) -> bytes:
+    """One HTTP/1.1 request on an open connection; the echo app's body."""
+    conn.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = conn.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"closed after {head!r}")
+        head += chunk
+    header, _, body = head.partition(b"\r\n\r\n")
+    length = int(re.search(rb"Content-Length: (\d+)", header, re.IGNORECASE).group(1))  # type: ignore[union-attr]
+    while len(body) < length:
+        body += conn.recv(4096)
+    return body
+
+
 def test_a_deleted_identity_is_refused_by_envoy_within_10s(envoy_mesh: EnvoyMesh, kube: Kube, tmp_path: Path,
                                                             openssl: str) -> None:
+    """New handshakes of the revoked certificate are refused within 10 s; a connection it opened before goes on
+    (Envoy has no per-connection cut: the gap documented in docs/envoy.md, measured here)."""
     identity = envoy_mesh.sidecar("client").host_path(IDENTITY_DIR)
     cert, key = tmp_path / "c.crt", tmp_path / "c.key"
     cert.write_bytes((identity / "tls.crt").read_bytes())
@@ -299,10 +317,19 @@ def test_a_deleted_identity_is_refused_by_envoy_within_10s(envoy_mesh: EnvoyMesh
     bundle = envoy_mesh.sidecar("server").host_path(BUNDLE_DIR) / "ca.crt"
     port = envoy_mesh.ports["server_tls"]
     assert "echo /openssl" in s_client(openssl, port, cert, key, bundle)
-    started = time.monotonic()
-    kube.delete_identity(envoy_mesh.namespace, "client")
-    wait_for("the deleted client's certificate to be refused by Envoy",
-             lambda: "echo /openssl" not in s_client(openssl, port, cert, key, bundle), 10, interval=0.2)
-    delay = time.monotonic() - started
-    print(f"revoked certificate refused by Envoy {delay:.2f} s after its identity was deleted")
-    assert delay < 10
+    context = ssl.create_default_context(cafile=str(bundle))
+    context.check_hostname = False  # an SVID names a SPIFFE ID, not a host
+    context.load_cert_chain(cert, key)
+    with context.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10)) as open_conn:
+        assert keep_alive_get(open_conn, "/before") == b"echo /before"
+        started = time.monotonic()
+        kube.delete_identity(envoy_mesh.namespace, "client")
+        wait_for("the deleted client's certificate to be refused by Envoy",
+                 lambda: "echo /openssl" not in s_client(openssl, port, cert, key, bundle), 10, interval=0.2)
+        delay = time.monotonic() - started
+        print(f"revoked certificate refused by Envoy {delay:.2f} s after its identity was deleted")
+        assert delay < 10
+        time.sleep(2)
+        assert keep_alive_get(open_conn, "/after") == b"echo /after"
+        print(f"a connection opened before the revocation still flows {time.monotonic() - started:.1f} s after it "
+              "(Envoy: new handshakes only)")
