@@ -152,6 +152,19 @@ def test_each_pod_gets_the_data_plane_its_identity_resolves_to(envoy_mesh: Envoy
         assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("value", ["istio", "Envoy", ""])
+def test_the_api_server_refuses_an_unknown_data_plane_naming_the_field(envoy_mesh: EnvoyMesh, kube: Kube,
+                                                                        value: str) -> None:
+    with pytest.raises(client.exceptions.ApiException) as caught:
+        kube.create_identity(envoy_mesh.namespace, "typo", {"serviceAccountName": "typo", "dataPlane": value})
+    assert caught.value.status == 422 and "spec.dataPlane" in str(caught.value.body), caught.value.body
+    with pytest.raises(client.exceptions.ApiException) as caught:
+        kube.custom.create_cluster_custom_object(GROUP, VERSION, "trustdomains", {
+            "apiVersion": f"{GROUP}/{VERSION}", "kind": "TrustDomain", "metadata": {"name": "typo.meshtls.test"},
+            "spec": {"sidecar": {"dataPlane": value}}})
+    assert caught.value.status == 422 and "spec.sidecar.dataPlane" in str(caught.value.body), caught.value.body
+
+
 def test_envoy_to_envoy_negotiates_the_hybrid_post_quantum_group(envoy_mesh: EnvoyMesh) -> None:
     server, client_ = envoy_mesh.envoy("server"), envoy_mesh.envoy("client")
     before_server = curves(server.metrics(), "envoy_listener_ssl_curves")
