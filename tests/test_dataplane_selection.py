@@ -254,6 +254,9 @@ def test_the_operator_writes_the_chosen_data_planes_files_and_reports_it(td_plan
         patches = kube.count("patch_workload_identity_status")
         await apply(op, kube, wid(dataPlane=other.value), "MODIFIED")  # nothing changed: no status write for it
         assert kube.count("patch_workload_identity_status") == patches
+        # routes gone: no sidecar, no data plane shown
+        stored = await apply(op, kube, wid(dataPlane=other.value, inbound=[]), "MODIFIED")
+        assert stored["status"].get("dataPlane") is None and op.targets.lookup("shop", "web") == []
 
     asyncio.run(scenario())
 

@@ -20,8 +20,11 @@ async def publish_sidecar_config(op: Operator, body: dict[str, Any], identity: E
     that is their data plane) and are offered to the injector; status.dataPlane says which sidecar pods get."""
     spec = identity.spec
     key = IdentityKey(spec.namespace, spec.name)
+    status = body.get("status") or {}
     if not spec.inbound and not spec.outbound:
         op.targets.remove(spec.namespace, spec.name)
+        if status.get("dataPlane"):  # no sidecar any more: no data plane to show
+            await _report_data_plane(op, body, None)
         return
     data = render_sidecar_files(identity)
     check_publishable(identity, data)
@@ -44,9 +47,13 @@ async def publish_sidecar_config(op: Operator, body: dict[str, Any], identity: E
                 raise SpecError("spec", f"the API server refused sidecar ConfigMap {name}: {exc}",
                                 reason=Reason.SIDECAR_CONFIG_REFUSED) from None
         op.rendered[key] = data
-    status = body.get("status") or {}
     if status.get("dataPlane") != identity.data_plane.value:  # the column users read; once per change
-        await op.kube.run(op.kube.patch_workload_identity_status, spec.namespace, spec.name,
-                          {"dataPlane": identity.data_plane.value})
-        body["status"] = {**status, "dataPlane": identity.data_plane.value}
+        await _report_data_plane(op, body, identity.data_plane.value)
     op.targets.put(spec.namespace, injection_target(identity, bundle_config_map))
+
+
+async def _report_data_plane(op: Operator, body: dict[str, Any], data_plane: str | None) -> None:
+    meta = body["metadata"]
+    await op.kube.run(op.kube.patch_workload_identity_status, meta["namespace"], meta["name"],
+                      {"dataPlane": data_plane})
+    body["status"] = {**(body.get("status") or {}), "dataPlane": data_plane}
