@@ -165,6 +165,24 @@ def test_the_api_server_refuses_an_unknown_data_plane_naming_the_field(envoy_mes
     assert caught.value.status == 422 and "spec.sidecar.dataPlane" in str(caught.value.body), caught.value.body
 
 
+def test_switching_the_data_plane_rewrites_the_configmap_and_the_status(envoy_mesh: EnvoyMesh, kube: Kube) -> None:
+    ns = envoy_mesh.namespace
+    envoy_mesh.mesh.identity(ns, "switcher", {"trustDomain": envoy_mesh.trust_domain,
+                                              "inbound": [{"port": free_port(), "appPort": free_port()}]})
+
+    def shown(plane: str) -> bool:
+        status = (kube.identity(ns, "switcher") or {}).get("status", {})
+        config = kube.configmap_data(ns, "switcher-meshtls-proxy") or {}
+        return status.get("dataPlane") == plane and ("envoy.yaml" in config) == (plane == "envoy") \
+            and "proxy.yaml" in config
+
+    wait_for("the TrustDomain's default, envoy", lambda: shown("envoy"), 15)
+    kube.patch_identity(ns, "switcher", {"spec": {"dataPlane": "meshtls-proxy"}})
+    wait_for("the identity's own choice, meshtls-proxy", lambda: shown("meshtls-proxy"), 15)
+    kube.patch_identity(ns, "switcher", {"spec": {"dataPlane": None}})
+    wait_for("back to the TrustDomain's default", lambda: shown("envoy"), 15)
+
+
 def test_envoy_to_envoy_negotiates_the_hybrid_post_quantum_group(envoy_mesh: EnvoyMesh) -> None:
     server, client_ = envoy_mesh.envoy("server"), envoy_mesh.envoy("client")
     before_server = curves(server.metrics(), "envoy_listener_ssl_curves")
