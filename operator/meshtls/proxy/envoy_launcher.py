@@ -111,9 +111,12 @@ def check_ready(admin_port: int, cert_file: str, now: dt.datetime | None = None)
             mounted = leaf_serial(f.read())
     except (OSError, ValueError, IndexError) as exc:
         raise NotReady(f"cannot read the mounted certificate {cert_file}: {exc}") from None
-    status, body = _admin(admin_port, "GET", "/certs")
-    contexts = json.loads(body).get("certificates") or [] if status == 200 else []
-    chains = [c["cert_chain"][0] for c in contexts if c.get("cert_chain")]
+    try:
+        status, body = _admin(admin_port, "GET", "/certs")
+        contexts = (json.loads(body).get("certificates") or []) if status == 200 else []
+        chains = [c["cert_chain"][0] for c in contexts if c.get("cert_chain")]
+    except (OSError, ValueError, KeyError, AttributeError) as exc:
+        raise NotReady(f"Envoy's /certs did not answer as expected ({exc})") from None
     if not chains:
         raise NotReady("Envoy has loaded no certificate yet")
     now = now or dt.datetime.now(dt.UTC)
