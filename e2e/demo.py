@@ -1,7 +1,8 @@
 """`make demo`: meshtls on the local control plane (or $KUBECONFIG), live.
 
-Starts the cluster (built once, cached), installs the CRDs, runs the operator, applies examples/, then shows
-certificates being issued and rotated as they happen, deletes an identity and shows its revocation, and ends by
+Starts the cluster (built once, cached), installs the CRDs, runs the operator, applies examples/, runs the Envoy
+sidecar injected into the backend pod for real (the harness's kubelet) and shows the key exchange it negotiates, then
+shows certificates being issued and rotated as they happen, deletes an identity and shows its revocation, and ends by
 itself after a few rotations (or on Ctrl-C), leaving nothing running.
 """
 
@@ -10,9 +11,13 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import os
+import re
 import signal
+import socket
+import ssl
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -24,9 +29,13 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
+from testsupport.envoy import EnvoyContainer, EnvoyProcess
 
 from e2e.harness import Cluster
+from e2e.mesh import EchoHandler, EchoServer, http_get
 from e2e.operator_process import OperatorProcess, free_port
+from e2e.podrunner import PodSidecar
+from meshtls.dataplane.config import OutboundRoute, SidecarConfig
 
 REPO = Path(__file__).resolve().parents[1]
 NAMESPACE = "shop"
@@ -50,7 +59,7 @@ def until(dt_text: str | None, now: dt.datetime) -> str:
 def identities_table(items: list[dict[str, Any]]) -> Table:
     now = dt.datetime.now(dt.UTC)
     table = Table(title=f"WorkloadIdentities in {NAMESPACE} (kubectl get wid -n {NAMESPACE})", expand=True)
-    for column in ("NAME", "SPIFFE ID", "READY", "SERIAL", "EXPIRES", "RENEWS", "ROT"):
+    for column in ("NAME", "SPIFFE ID", "READY", "SERIAL", "EXPIRES", "RENEWS", "ROT", "SIDECAR"):
         table.add_column(column, no_wrap=column != "SPIFFE ID", overflow="fold")
     for item in sorted(items, key=lambda i: i["metadata"]["name"]):
         status = item.get("status", {})
@@ -59,7 +68,8 @@ def identities_table(items: list[dict[str, Any]]) -> Table:
         table.add_row(item["metadata"]["name"], status.get("spiffeID", "-"),
                       "[green]True[/]" if ok else f"[red]{ready.get('reason', 'Pending')}[/]",
                       (status.get("serialNumber") or "-")[:8] + "…", until(status.get("notAfter"), now),
-                      until(status.get("renewalTime"), now), str(status.get("rotations", 0)))
+                      until(status.get("renewalTime"), now), str(status.get("rotations", 0)),
+                      status.get("dataPlane", "-"))
     return table
 
 
@@ -104,6 +114,7 @@ def main() -> int:
         api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
         custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
         show_injection(core)
+        envoy_demo(api, core, logs)
         step(f"watching certificates being issued and rotated (ends after {ROTATIONS_TO_SHOW} rotations each, "
              "or Ctrl-C)")
         events: list[str] = []
@@ -143,9 +154,76 @@ def show_injection(core: client.CoreV1Api) -> None:
         time.sleep(0.5)
     for pod in core.list_namespaced_pod(NAMESPACE).items:
         containers = [c.name for c in pod.spec.init_containers or []] + [c.name for c in pod.spec.containers]
-        injected = "meshtls-proxy" in containers
-        mark = "[green]injected[/]" if injected else "[yellow]not injected[/]"
+        injected = [c for c in containers if c in ("meshtls-proxy", "meshtls-envoy")]
+        mark = f"[green]injected ({injected[0]})[/]" if injected else "[yellow]not injected[/]"
         console.print(f"    pod {pod.metadata.name}: containers {containers} → {mark}")
+
+
+def negotiated_groups(metrics: str, family: str) -> dict[str, float]:
+    """Envoy's per-curve handshake counters by group, from its Prometheus text (as a scraper reads it)."""
+    out: dict[str, float] = {}
+    for line in metrics.splitlines():
+        group = re.search(r'envoy_ssl_curve="([^"]+)"', line) if line.startswith(family + "{") else None
+        if group:
+            out[group.group(1)] = out.get(group.group(1), 0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def envoy_demo(api: client.ApiClient, core: client.CoreV1Api, workdir: Path) -> None:
+    """The backend pod's Envoy, run for real from what meshtls injected and rendered; frontend's certificate calls
+    it twice: as meshtls-proxy would (this Python's ssl) and through an Envoy client. The groups come from the
+    backend Envoy's own stats."""
+    step("running the backend pod's injected Envoy (meshtls-envoy) for real, as the kubelet would")
+    try:
+        sidecar = PodSidecar(api, core.read_namespaced_pod("backend", NAMESPACE), workdir / "pods")
+        app = EchoServer(("127.0.0.1", 8080), EchoHandler)  # the backend app's port in examples/
+    except Exception as exc:
+        console.print(f"    [red]could not run the backend's Envoy here: {exc}[/]")
+        return
+    threading.Thread(target=app.serve_forever, daemon=True).start()
+    client_envoy: EnvoyProcess | None = None
+    try:
+        envoy = sidecar.start()
+        assert isinstance(envoy, EnvoyContainer)
+        console.print(f"    {envoy.ready().stdout.strip()} (its readiness probe: meshtls-envoy ready)", style="dim")
+        frontend = core.read_namespaced_secret("frontend-mtls", NAMESPACE).data
+        identity = workdir / "frontend-identity"
+        identity.mkdir(exist_ok=True)
+        for key in ("tls.crt", "tls.key"):
+            (identity / key).write_bytes(base64.b64decode(frontend[key]))
+        bundle = sidecar.host_path("/var/run/meshtls/bundle")
+        before = negotiated_groups(envoy.metrics(), "envoy_listener_ssl_curves")
+        context = ssl.create_default_context(cafile=str(bundle / "ca.crt"))
+        context.check_hostname = False  # an SVID names a SPIFFE ID, not a host
+        context.load_cert_chain(identity / "tls.crt", identity / "tls.key")
+        with context.wrap_socket(socket.create_connection(("127.0.0.1", 8443), timeout=10)) as conn:
+            conn.sendall(b"GET /from-python HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n")
+            reply = conn.recv(4096).split(b"\r\n")[0].decode()
+        after = negotiated_groups(envoy.metrics(), "envoy_listener_ssl_curves")
+        groups = sorted(g for g, v in after.items() if v > before.get(g, 0))
+        console.print(f"    frontend's certificate over {ssl.OPENSSL_VERSION} (as meshtls-proxy here): {reply}; "
+                      f"backend's Envoy negotiated [bold]{', '.join(groups)}[/]")
+        port, admin = free_port(), free_port()
+        client_envoy = EnvoyProcess(SidecarConfig(
+            spiffe_id=f"spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/frontend", identity_dir=str(identity),
+            bundle_dir=str(bundle), admin_port=admin,
+            outbound=(OutboundRoute(port, "127.0.0.1:8443", f"spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/backend"),)),
+            workdir / "frontend-envoy-config", "frontend-envoy").start()
+        before = after
+        status, _ = http_get(port, "/from-envoy")
+        after = negotiated_groups(envoy.metrics(), "envoy_listener_ssl_curves")
+        groups = sorted(g for g, v in after.items() if v > before.get(g, 0))
+        console.print(f"    frontend's certificate through an Envoy client: HTTP {status}; backend's Envoy "
+                      f"negotiated [bold green]{', '.join(groups)}[/] (hybrid post-quantum)")
+        console.print("    (from the backend Envoy's /stats/prometheus: envoy_listener_ssl_curves{envoy_ssl_curve=…})",
+                      style="dim")
+    except Exception as exc:
+        console.print(f"    [red]the backend's Envoy did not serve here: {exc}[/]")
+    finally:
+        if client_envoy is not None:
+            client_envoy.stop()
+        sidecar.stop()
+        app.shutdown()
 
 
 def collect_events(core: client.CoreV1Api, seen: set[str], out: list[str]) -> None:
@@ -161,8 +239,6 @@ def collect_events(core: client.CoreV1Api, seen: set[str], out: list[str]) -> No
 
 def short_message(message: str) -> str:
     """'serial 27a5b7… -> 481eb7…, expires in 29s' rather than the full Event text, to fit a terminal."""
-    import re
-
     message = re.sub(r"\b([0-9a-f]{8})[0-9a-f]{8,}\b", r"\1…", message)
     message = re.sub(r"expires \S+ \(in (\w+)\)", r"expires in \1", message)
     return message.split(": renewal time")[0].replace(f"spiffe://{TRUST_DOMAIN}/", "")

@@ -19,11 +19,13 @@ from typing import Any
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from testsupport.envoy import EnvoyContainer
 from testsupport.kubelet import SidecarProcess, write_atomic_volume
 
 from e2e.operator_process import free_port
 
 SIDECAR = "meshtls-proxy"
+ENVOY_SIDECAR = "meshtls-envoy"  # the Envoy data plane's container (run by testsupport.envoy.EnvoyContainer)
 
 
 class PodSidecar:
@@ -34,10 +36,10 @@ class PodSidecar:
         self.dir = workdir / pod.metadata.name
         self.sync_interval = sync_interval
         containers = list(pod.spec.init_containers or []) + list(pod.spec.containers)
-        matches = [c for c in containers if c.name == SIDECAR]
-        assert matches, f"pod {pod.metadata.name} has no {SIDECAR} container (not injected)"
+        matches = [c for c in containers if c.name in (SIDECAR, ENVOY_SIDECAR)]
+        assert matches, f"pod {pod.metadata.name} has no {SIDECAR} or {ENVOY_SIDECAR} container (not injected)"
         self.container = matches[0]
-        assert self.container.command and self.container.command[0] == "meshtls-proxy", self.container.command
+        assert self.container.command and self.container.command[0] == self.container.name, self.container.command
         volumes = {v.name: v for v in pod.spec.volumes or []}
         self.mounts: dict[str, tuple[str, str, Path]] = {}  # container path -> (kind, object name, host dir)
         # an emptyDir (the Workload API's socket) lives under a short path: a Unix socket's path is at most 107 bytes
@@ -57,7 +59,7 @@ class PodSidecar:
             self.mounts[mount.mount_path] = (*source, self.dir / mount.name)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sync_loop, daemon=True, name=f"kubelet-{pod.metadata.name}")
-        self.process: SidecarProcess | None = None
+        self.process: SidecarProcess | EnvoyContainer | None = None
         self.syncs = 0
 
     def _read(self, kind: str, name: str) -> dict[str, bytes] | None:
@@ -104,8 +106,14 @@ class PodSidecar:
         (app,) = [c for c in self.pod.spec.containers if c.name == container]
         return {e.name: self.translate(e.value or "") for e in app.env or []}
 
-    def start(self) -> SidecarProcess:
+    def start(self) -> SidecarProcess | EnvoyContainer:
         self.sync()
+        if self.container.name == ENVOY_SIDECAR:
+            container = client.ApiClient().sanitize_for_serialization(self.container)
+            self.process = EnvoyContainer(container, {path: host for path, (_, _, host) in self.mounts.items()},
+                                          self.dir, free_port()).start()
+            self._thread.start()
+            return self.process
         config_arg = self.container.command[self.container.command.index("--config") + 1]
         config_dir = str(Path(config_arg).parent)
         config = yaml.safe_load((self.host_path(config_dir) / Path(config_arg).name).read_text())

@@ -21,10 +21,16 @@ import yaml
 from testsupport.golden import assert_golden
 
 from meshtls.api.constants import ANNOTATION_INJECTED, ANNOTATION_SPIFFE_ID
+from meshtls.dataplane.envoy import ENVOY_FILES, envoy_arguments
 from meshtls.dataplane.layout import BUNDLE_DIR, CONFIG_DIR, CONFIG_FILE, IDENTITY_DIR, WORKLOAD_API_DIR
 from meshtls.injection.admission import AdmissionOutcome, review_pod_admission
-from meshtls.injection.inject import PodShapeError, build_injection_patch, escape_pointer_token
-from meshtls.injection.target import SIDECAR_NAME, InjectionOptions, InjectionTarget
+from meshtls.injection.inject import (
+    WORKLOAD_API_CONTAINER,
+    PodShapeError,
+    build_injection_patch,
+    escape_pointer_token,
+)
+from meshtls.injection.target import ENVOY_SIDECAR_NAME, SIDECAR_NAME, InjectionOptions, InjectionTarget
 
 GOLDEN = Path(__file__).parent / "golden" / "inject"
 CASES = sorted(p.name.removesuffix(".in.yaml") for p in GOLDEN.glob("*.in.yaml"))
@@ -230,8 +236,11 @@ def test_golden_invariants(name: str) -> None:
         assert patched == case.pod
         return
     spec = patched["spec"]
-    sidecars = [c for c in [*spec.get("initContainers", []), *spec["containers"]] if c["name"] == SIDECAR_NAME]
-    assert len(sidecars) == 1
+    envoy = all(t.data_plane == "envoy" for t in case.lookup.targets)
+    name = ENVOY_SIDECAR_NAME if envoy else SIDECAR_NAME
+    sidecars = [c for c in [*spec.get("initContainers", []), *spec["containers"]]
+                if c["name"] in (SIDECAR_NAME, ENVOY_SIDECAR_NAME)]
+    assert [c["name"] for c in sidecars] == [name]
     sidecar = sidecars[0]
     if case.options.native_sidecar:
         assert spec["initContainers"][0] is sidecar and sidecar["restartPolicy"] == "Always"
@@ -242,7 +251,8 @@ def test_golden_invariants(name: str) -> None:
     for key in ("containers", "initContainers", "volumes"):
         before = case.pod["spec"].get(key) or []
         after = [without_workload_api(x) if key != "volumes" else x for x in spec.get(key) or []
-                 if x is not sidecar and not (key == "volumes" and x["name"] in ours)]
+                 if x is not sidecar and x.get("name") != WORKLOAD_API_CONTAINER
+                 and not (key == "volumes" and x["name"] in ours)]
         assert after == before, key
     for key, value in (case.pod["metadata"].get("annotations") or {}).items():
         if key != ANNOTATION_SPIFFE_ID:
@@ -253,15 +263,39 @@ def test_golden_invariants(name: str) -> None:
     socket = mounts.pop(WORKLOAD_API_DIR, None)
     assert set(mounts) == {IDENTITY_DIR, BUNDLE_DIR, CONFIG_DIR}
     assert all(m["readOnly"] and m["name"] in volume_names for m in mounts.values())
+    config_volume = next(v for v in spec["volumes"] if v["name"] == mounts[CONFIG_DIR]["name"])
+    items = [i["key"] for i in config_volume["configMap"]["items"]]
     command = [SIDECAR_NAME, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"]
-    if socket is None:
-        assert sidecar["command"] == command
-    else:  # the sidecar alone writes the socket's emptyDir; every app container that got it reads it
+    servers = [c for c in [*spec.get("initContainers", []), *spec["containers"]] if c["name"] == WORKLOAD_API_CONTAINER]
+    if envoy:  # Envoy's launcher, its files only, an exec probe (the admin stays on loopback) and a preStop drain
+        assert socket is None  # Envoy serves no Workload API: the meshtls-workload-api container beside it does
+        if any(t.workload_api for t in case.lookup.targets):
+            (server,) = servers
+            socket = next(m for m in server["volumeMounts"] if m["mountPath"] == WORKLOAD_API_DIR)
+            assert server["command"][0] == WORKLOAD_API_CONTAINER and "lifecycle" not in server
+            assert server["readinessProbe"]["httpGet"]["path"] == "/readyz" and "exec" not in server["readinessProbe"]
+            if case.options.native_sidecar:
+                assert spec["initContainers"][1] is server and server["restartPolicy"] == "Always"
+        else:
+            assert servers == []
+        assert sidecar["command"] == ["meshtls-envoy", "run", *envoy_arguments()]
+        assert items == list(ENVOY_FILES)
+        for probe in ("startupProbe", "readinessProbe"):
+            assert sidecar[probe]["exec"]["command"][:2] == ["meshtls-envoy", "ready"]
+        assert sidecar["lifecycle"]["preStop"]["exec"]["command"][:2] == ["meshtls-envoy", "drain"]
+    else:
+        assert servers == []  # meshtls-proxy serves the Workload API itself
+        assert items == [CONFIG_FILE] and "lifecycle" not in sidecar
+        assert sidecar["readinessProbe"]["httpGet"]["path"] == "/readyz"
+        if socket is None:
+            assert sidecar["command"] == command
+        else:
+            assert sidecar["command"][:5] == [*command, "--workload-api-socket", f"{WORKLOAD_API_DIR}/agent.sock"]
+    if socket is not None:  # the server alone writes the socket's emptyDir; every app container that got it reads it
         assert not socket.get("readOnly") and socket["name"] in volume_names
-        assert sidecar["command"][:5] == [*command, "--workload-api-socket", f"{WORKLOAD_API_DIR}/agent.sock"]
         for c in [*spec.get("initContainers", []), *spec["containers"]]:
             app_mounts = [m for m in c.get("volumeMounts") or [] if m["name"] == socket["name"]]
-            if c is not sidecar and app_mounts:
+            if c is not sidecar and c["name"] != WORKLOAD_API_CONTAINER and app_mounts:
                 assert app_mounts == [{"name": socket["name"], "mountPath": WORKLOAD_API_DIR, "readOnly": True}]
                 assert {"name": "SPIFFE_ENDPOINT_SOCKET", "value": f"unix://{WORKLOAD_API_DIR}/agent.sock"} in c["env"]
     sc = sidecar["securityContext"]

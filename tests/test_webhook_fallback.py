@@ -8,7 +8,13 @@ import itertools
 from collections.abc import Callable
 from typing import Any
 
-from meshtls.api.model import TrustDomainSpec, parse_trust_domain, parse_workload_identity, resolve_identity
+from meshtls.api.model import (
+    DataPlane,
+    TrustDomainSpec,
+    parse_trust_domain,
+    parse_workload_identity,
+    resolve_identity,
+)
 from meshtls.injection.render import injection_target
 from meshtls.injection.target import InjectionOptions, InjectionTarget
 from meshtls.injection.targets import TargetIndex
@@ -102,3 +108,21 @@ def test_a_deleted_trust_domain_falls_back_to_its_defaults() -> None:
     got = fallback(ListingKube([body], {}), "web")
     assert got == [as_the_acting_replica_indexes(body, TrustDomainSpec(name="example.org"))]
     assert got[0].bundle_config_map == "meshtls-bundle"
+
+
+def test_the_fallback_injects_the_data_plane_the_acting_replica_would() -> None:
+    """Identity > TrustDomain > the operator's default, the same through the API fallback as through the index."""
+    choices: list[str | None] = [None, "meshtls-proxy", "envoy"]
+    for own, td_default, operator_default in itertools.product(choices, choices, ["meshtls-proxy", "envoy"]):
+        body = identity("web", "web", extra={"dataPlane": own} if own else {})
+        td_body = trust_domain("example.org", None)
+        if td_default:
+            td_body["spec"]["sidecar"] = {"dataPlane": td_default}
+        options = OperatorOptions(default_data_plane=operator_default)
+        webhook = InjectionWebhook(ListingKube([body], {"example.org": td_body}),  # type: ignore[arg-type]
+                                   TargetIndex(), options, InjectionOptions())
+        got = asyncio.run(webhook._targets_from_api(NAMESPACE, "web"))
+        assert [t.data_plane for t in got] == [own or td_default or operator_default], (own, td_default)
+        indexed = injection_target(resolve_identity(parse_workload_identity(body), parse_trust_domain(td_body),
+                                                    DataPlane(operator_default)), "meshtls-bundle")
+        assert got == [indexed]

@@ -7,14 +7,26 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import Any
+
+import yaml
 
 from meshtls.dataplane.config import SidecarConfig
-from meshtls.dataplane.envoy import envoy_arguments, render_envoy_files
+from meshtls.dataplane.envoy import (
+    ENVOY_CONFIG_FILE,
+    ENVOY_FILES,
+    ENVOY_LAUNCHER,
+    envoy_arguments,
+    render_envoy_files,
+)
+from meshtls.dataplane.layout import CONFIG_DIR
 from meshtls.proxy.envoy_bin import envoy_binary
 from testsupport.kubelet import write_atomic_volume
 
@@ -100,3 +112,130 @@ class EnvoyProcess:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+class EnvoyContainer:
+    """An injected `meshtls-envoy` container run for real, the way the harness's kubelet runs meshtls-proxy: the
+    operator's files from the pod's config volume with the container's paths moved to the host directories the
+    volumes are written to (and the admin to a free loopback port, since every pod shares this machine's network),
+    the container's own command, its exec readiness probe as the readiness check, its preStop hook on demand."""
+
+    def __init__(self, container: Mapping[str, Any], mounts: Mapping[str, Path], workdir: Path,
+                 admin_port: int) -> None:
+        self.container = container
+        self.workdir = Path(workdir)
+        self.config_dir = self.workdir / "rendered-config"
+        self.log_file = self.workdir / "sidecar.log"
+        self.admin_port = admin_port
+        # container path -> host path; the config volume's files are rewritten into config_dir
+        self.paths = {path: (self.config_dir if path == CONFIG_DIR else Path(host)) for path, host in mounts.items()}
+        self.source_config = Path(mounts[CONFIG_DIR])
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _host(self, arg: str) -> str:
+        for path, host in sorted(self.paths.items(), key=lambda item: -len(item[0])):
+            if arg == path or arg.startswith(path + "/"):
+                return str(host) + arg[len(path):]
+        return arg
+
+    def _command(self, command: list[str]) -> list[str]:
+        """The container's command on this machine: the launcher from this venv, paths moved, the admin port
+        moved (`--admin-port` of the probe and the hook)."""
+        assert command[0] == ENVOY_LAUNCHER, command
+        out = [str(Path(sys.executable).parent / ENVOY_LAUNCHER)]
+        for i, arg in enumerate(command[1:], 1):
+            out.append(str(self.admin_port) if command[i - 1] == "--admin-port" else self._host(arg))
+        return out
+
+    def write_config(self) -> None:
+        files: dict[str, bytes] = {}
+        for name in ENVOY_FILES:
+            text = (self.source_config / name).read_text()
+            for path, host in sorted(self.paths.items(), key=lambda item: -len(item[0])):
+                text = text.replace(f"{path}/", f"{host}/").replace(f"path: {path}\n", f"path: {host}\n")
+            files[name] = text.encode()
+        bootstrap = yaml.safe_load(files[ENVOY_CONFIG_FILE])
+        bootstrap["admin"]["address"]["socket_address"]["port_value"] = self.admin_port
+        files[ENVOY_CONFIG_FILE] = yaml.safe_dump(bootstrap, sort_keys=False).encode()
+        write_atomic_volume(self.config_dir, files)
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    def start(self, timeout: float = 30.0) -> EnvoyContainer:
+        self.write_config()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("ab") as log:
+            self.process = subprocess.Popen(self._command(list(self.container["command"])), stdout=log,
+                                            stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready(timeout)
+        return self
+
+    def ready(self) -> subprocess.CompletedProcess[str]:
+        """The container's readiness probe, run as the kubelet runs an exec probe."""
+        probe = self.container["readinessProbe"]["exec"]["command"]
+        return subprocess.run(self._command(list(probe)), capture_output=True, text=True, timeout=10)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        result = None
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"Envoy exited with {self.process.returncode}:\n{self.log()}")
+            result = self.ready()
+            if result.returncode == 0:
+                return
+            time.sleep(0.2)
+        raise AssertionError(f"Envoy not ready within {timeout} s ({result and result.stderr}):\n{self.log()}")
+
+    def pre_stop(self) -> subprocess.CompletedProcess[str]:
+        hook = self.container["lifecycle"]["preStop"]["exec"]["command"]
+        return subprocess.run(self._command(list(hook)), capture_output=True, text=True, timeout=60)
+
+    def get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.admin_url + path, timeout=timeout) as response:
+                return response.status, response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read()
+
+    def metrics(self) -> str:
+        """Prometheus text, as a scraper reads it through the admin."""
+        return self.get("/stats/prometheus")[1].decode()
+
+    def stats(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for line in self.get("/stats")[1].decode().splitlines():
+            name, _, value = line.partition(": ")
+            if value.strip().lstrip("-").isdigit():
+                out[name] = int(value)
+        return out
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def wait_for_log(self, text: str, timeout: float = 10.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if text in (content := self.log()):
+                return content
+            time.sleep(0.05)
+        raise TimeoutError(f"{text!r} not in Envoy's log within {timeout}s:\n{self.log()}")
+
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        proc = self.process
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        return proc.returncode

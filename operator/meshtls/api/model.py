@@ -7,6 +7,7 @@ trust domain's range, a trust domain that does not exist) is checked here, with 
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -67,6 +68,23 @@ _DNS_PATTERN = re.compile(rf"(\*\*|{_PATTERN_LABEL})(\.{_PATTERN_LABEL})*")
 _OBJECT_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]*[a-z0-9])?")
 _SPEC_DURATION = re.compile(r"([0-9]+(ms|s|m|h))+")
 _ADDRESS = re.compile(r"([A-Za-z0-9.-]+):([1-9][0-9]{0,4})")
+
+
+class DataPlane(enum.StrEnum):
+    """The sidecar a pod is injected with; both are rendered from the one sidecar model (meshtls.dataplane)."""
+
+    MESHTLS_PROXY = "meshtls-proxy"
+    ENVOY = "envoy"
+
+
+# The operator-wide default when neither the identity nor its TrustDomain names one (the chart's sidecar.dataPlane).
+DEFAULT_DATA_PLANE = DataPlane.MESHTLS_PROXY
+
+
+def choose_data_plane(identity: DataPlane | None, trust_domain: DataPlane | None,
+                      operator_default: DataPlane) -> DataPlane:
+    """The identity's own choice, else its TrustDomain's default, else the operator's."""
+    return identity or trust_domain or operator_default
 
 
 class SpecError(PKIError):
@@ -162,6 +180,19 @@ def _bounded(value: dt.timedelta, field_path: str, bounds: tuple[dt.timedelta, d
     return value
 
 
+def parse_data_plane(value: Any, field_path: str) -> DataPlane | None:
+    """None when absent (the next level's default applies); anything but a known data plane is refused."""
+    if value is None:
+        return None
+    allowed = ", ".join(d.value for d in DataPlane)
+    if not isinstance(value, str):
+        raise SpecError(field_path, f"must be one of {allowed}, not {_kind(value)}")
+    try:
+        return DataPlane(value)
+    except ValueError:
+        raise SpecError(field_path, f"{value[:40]!r} is not a data plane: one of {allowed}") from None
+
+
 def _algorithm(value: Any, field_path: str, default: KeyAlgorithm) -> KeyAlgorithm:
     if value is None:
         return default
@@ -200,6 +231,7 @@ class TrustDomainSpec:
     crl_validity: dt.timedelta = DEFAULT_CRL_VALIDITY
     federates_with: tuple[dict[str, str], ...] = ()
     workload_api: bool = False  # the default of its identities' spec.workloadAPI.enabled
+    data_plane: DataPlane | None = None  # spec.sidecar.dataPlane; None: the operator's default
 
     def rotate_before(self, validity: dt.timedelta) -> dt.timedelta:
         return self.ca_rotate_before or validity * DEFAULT_CA_ROTATE_BEFORE_PERCENT / 100
@@ -249,6 +281,7 @@ def parse_trust_domain(body: Mapping[str, Any]) -> TrustDomainSpec:
     certs = _object(spec.get("certificates"), "spec.certificates")
     bundle = _object(spec.get("bundle"), "spec.bundle")
     crl = _object(spec.get("crl"), "spec.crl")
+    sidecar = _object(spec.get("sidecar"), "spec.sidecar")
     min_ttl = _duration(certs.get("minTTL"), "spec.certificates.minTTL", DEFAULT_MIN_TTL)
     max_ttl = _duration(certs.get("maxTTL"), "spec.certificates.maxTTL", DEFAULT_MAX_TTL)
     default_ttl = _duration(certs.get("defaultTTL"), "spec.certificates.defaultTTL", DEFAULT_TTL)
@@ -322,6 +355,7 @@ def parse_trust_domain(body: Mapping[str, Any]) -> TrustDomainSpec:
         federates_with=tuple(dict(_object(f, f"spec.federatesWith[{i}]"))
                              for i, f in enumerate(_list(spec.get("federatesWith"), "spec.federatesWith"))),
         workload_api=bool(workload_api_enabled(spec.get("workloadAPI"))),
+        data_plane=parse_data_plane(sidecar.get("dataPlane"), "spec.sidecar.dataPlane"),
     )
 
 
@@ -355,6 +389,7 @@ class WorkloadIdentitySpec:
     outbound: tuple[OutboundUpstream, ...] = ()
     allowed_peers: tuple[str, ...] = ()
     workload_api: bool | None = None  # spec.workloadAPI.enabled; None: the trust domain's default
+    data_plane: DataPlane | None = None  # spec.dataPlane; None: the trust domain's or the operator's default
 
     def spiffe_id(self, trust_domain: str) -> SpiffeId:
         """Derived, never free-form: no namespace can claim another's identity."""
@@ -379,6 +414,7 @@ class EffectiveIdentity:
     def has_sidecar(self) -> bool:
         """Injected pods carry the sidecar for its routes, or for the Workload API alone."""
         return bool(self.spec.inbound or self.spec.outbound or self.workload_api)
+    data_plane: DataPlane = DEFAULT_DATA_PLANE
 
 
 def _inbound(value: Any) -> tuple[InboundPort, ...]:
@@ -534,6 +570,7 @@ def parse_workload_identity(body: Mapping[str, Any]) -> WorkloadIdentitySpec:
         outbound=outbound,
         allowed_peers=allowed,
         workload_api=workload_api,
+        data_plane=parse_data_plane(spec.get("dataPlane"), "spec.dataPlane"),
     )
 
 
@@ -569,8 +606,10 @@ def dns_name_allowed(name: str, namespace: str, patterns: tuple[str, ...]) -> bo
     return any(_pattern_regex(p).fullmatch(name) for p in dns_name_patterns(patterns, namespace))
 
 
-def resolve_identity(spec: WorkloadIdentitySpec, td: TrustDomainSpec) -> EffectiveIdentity:
-    """Apply the trust domain's defaults and check what only it can bound (TTL range, renewal point, DNS names)."""
+def resolve_identity(spec: WorkloadIdentitySpec, td: TrustDomainSpec,
+                     default_data_plane: DataPlane = DEFAULT_DATA_PLANE) -> EffectiveIdentity:
+    """Apply the trust domain's defaults (and the operator's, for the data plane) and check what only the trust
+    domain can bound (TTL range, renewal point, DNS names)."""
     policy = td.policy
     ttl = spec.ttl or policy.default_ttl
     if not policy.min_ttl <= ttl <= policy.max_ttl:
@@ -597,4 +636,5 @@ def resolve_identity(spec: WorkloadIdentitySpec, td: TrustDomainSpec) -> Effecti
         # a 20 s certificate backdated by a minute would be mostly in the past: cap at a quarter of the TTL
         backdate=min(policy.backdate, ttl / 4),
         workload_api=td.workload_api if spec.workload_api is None else spec.workload_api,
+        data_plane=choose_data_plane(spec.data_plane, td.data_plane, default_data_plane),
     )

@@ -205,7 +205,7 @@ async def _load(op: Operator, key: IdentityKey, body: dict[str, Any], fresh: boo
     try:
         spec = parse_workload_identity(body)
         runtime = await op.trust.resolve(spec.trust_domain, status.get("trustDomain"), key)
-        identity = resolve_identity(spec, runtime.spec)
+        identity = resolve_identity(spec, runtime.spec, op.default_data_plane)
     except (SpecError, TrustDomainError) as exc:
         reason = exc.reason
         message = str(exc) if isinstance(exc, SpecError) else exc.message

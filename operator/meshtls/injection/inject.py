@@ -1,4 +1,5 @@
-"""The pod patch that dresses a pod with the `meshtls-proxy` sidecar. Pure: a pod dict in, RFC 6902 operations out.
+"""The pod patch that dresses a pod with its sidecar, `meshtls-proxy` or Envoy (the identity's data plane). Pure: a
+pod dict in, RFC 6902 operations out.
 
 The patch only adds (or, for one annotation a user may have pre-set, replaces): it never removes or renames anything
 of the pod's. It adds three volumes (the identity Secret, the trust bundle ConfigMap, the rendered proxy.yaml), the
@@ -11,11 +12,13 @@ naming the field; the API server never sends such a pod, and guessing would patc
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from meshtls.api.constants import ANNOTATION_INJECTED, ANNOTATION_SPIFFE_ID
+from meshtls.dataplane.envoy import ENVOY_FILES, envoy_container_command, envoy_drain_command, envoy_ready_command
 from meshtls.dataplane.layout import (
     BUNDLE_DIR,
     BUNDLE_FILE,
@@ -28,6 +31,9 @@ from meshtls.dataplane.layout import (
     WORKLOAD_API_SOCKET,
 )
 from meshtls.injection.target import (
+    ENVOY_DATA_PLANE,
+    ENVOY_SIDECAR_NAME,
+    MESHTLS_PROXY_DATA_PLANE,
     SIDECAR_NAME,
     VOLUME_BUNDLE,
     VOLUME_CONFIG,
@@ -149,8 +155,9 @@ def injected_marker(pod: Mapping[str, Any]) -> str | None:
     """Why this pod counts as injected already (a sidecar container, or our annotation); None if it does not."""
     spec = pod_spec(pod)
     for key in ("initContainers", "containers"):
-        if any(c["name"] == SIDECAR_NAME for c in _named_objects(spec, key)):
-            return f"{key} has {SIDECAR_NAME}"
+        for name in (SIDECAR_NAME, ENVOY_SIDECAR_NAME):
+            if any(c["name"] == name for c in _named_objects(spec, key)):
+                return f"{key} has {name}"
     if ANNOTATION_INJECTED in pod_annotations(pod):
         return f"annotation {ANNOTATION_INJECTED} is set"
     return None
@@ -177,9 +184,17 @@ def _volumes(target: InjectionTarget, names: Mapping[str, str], identity_mode: i
                        "items": [{"key": BUNDLE_FILE, "path": BUNDLE_FILE}, {"key": CRL_FILE, "path": CRL_FILE}]}},
         {"name": names[VOLUME_CONFIG],
          "configMap": {"name": target.config_map, "defaultMode": MODE_ALL_READ,
-                       "items": [{"key": CONFIG_FILE, "path": CONFIG_FILE}]}},
+                       "items": [{"key": f, "path": f} for f in _config_files(target)]}},
         *socket,
     ]
+
+
+def _config_files(target: InjectionTarget) -> tuple[str, ...]:
+    return ENVOY_FILES if target.data_plane == ENVOY_DATA_PLANE else (CONFIG_FILE,)
+
+
+def sidecar_name(target: InjectionTarget) -> str:
+    return ENVOY_SIDECAR_NAME if target.data_plane == ENVOY_DATA_PLANE else SIDECAR_NAME
 
 
 def _unique_ports(ports: Iterable[int]) -> list[int]:
@@ -189,20 +204,26 @@ def _unique_ports(ports: Iterable[int]) -> list[int]:
 def sidecar_container(target: InjectionTarget, options: InjectionOptions,
                       volume_names: Mapping[str, str] | None = None, socket_mode: str = SOCKET_MODE_POD
                       ) -> dict[str, Any]:
-    """The `meshtls-proxy` container; `restartPolicy: Always` (a native sidecar) when options.native_sidecar."""
+    """The sidecar container of the target's data plane (`meshtls-proxy`, or `meshtls-envoy`: Envoy from the same
+    image); `restartPolicy: Always` (a native sidecar) when options.native_sidecar. meshtls-proxy serves the Workload
+    API itself; an Envoy pod gets `workload_api_container` beside it."""
     names = {VOLUME_IDENTITY: VOLUME_IDENTITY, VOLUME_BUNDLE: VOLUME_BUNDLE, VOLUME_CONFIG: VOLUME_CONFIG,
              VOLUME_WORKLOAD_API: VOLUME_WORKLOAD_API, **(volume_names or {})}
+    envoy = target.data_plane == ENVOY_DATA_PLANE
     container: dict[str, Any] = {
-        "name": SIDECAR_NAME,
+        "name": sidecar_name(target),
         "image": options.image,
         "imagePullPolicy": options.image_pull_policy,
     }
     if options.native_sidecar:
         container["restartPolicy"] = "Always"
-    container["command"] = [SIDECAR_NAME, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"]
-    if target.workload_api:
-        container["command"] += ["--workload-api-socket", WORKLOAD_API_SOCKET_PATH,
-                                 "--workload-api-socket-mode", socket_mode]
+    if envoy:
+        container["command"] = envoy_container_command()
+    else:
+        container["command"] = [SIDECAR_NAME, "--config", f"{CONFIG_DIR}/{CONFIG_FILE}"]
+        if target.workload_api:
+            container["command"] += ["--workload-api-socket", WORKLOAD_API_SOCKET_PATH,
+                                     "--workload-api-socket-mode", socket_mode]
     ports = _unique_ports(target.inbound_ports)
     if ports:
         container["ports"] = [{"name": f"{PORT_NAME_PREFIX}{p}"[:15], "containerPort": p, "protocol": "TCP"}
@@ -212,14 +233,23 @@ def sidecar_container(target: InjectionTarget, options: InjectionOptions,
         {"name": names[VOLUME_BUNDLE], "mountPath": BUNDLE_DIR, "readOnly": True},
         {"name": names[VOLUME_CONFIG], "mountPath": CONFIG_DIR, "readOnly": True},
     ]
-    if target.workload_api:
+    if target.workload_api and not envoy:
         container["volumeMounts"].append({"name": names[VOLUME_WORKLOAD_API], "mountPath": WORKLOAD_API_DIR})
-    probe = {"httpGet": {"path": READY_PATH, "port": target.admin_port}}
+    probe: dict[str, Any]
+    if envoy:
+        # Envoy's admin stays on 127.0.0.1 and its /ready ignores rejected SDS updates: an exec that compares the
+        # certificate Envoy serves with the mounted one (meshtls.proxy.envoy_launcher)
+        probe = {"exec": {"command": envoy_ready_command(target.admin_port)}}
+    else:
+        probe = {"httpGet": {"path": READY_PATH, "port": target.admin_port}}
     # started = certificate loaded: a native sidecar holds the app containers back until then (up to 2 minutes)
     container["startupProbe"] = {**probe, "periodSeconds": 1, "timeoutSeconds": 2, "failureThreshold": 120}
     container["readinessProbe"] = {**probe, "periodSeconds": 5, "timeoutSeconds": 2, "failureThreshold": 3}
+    if envoy:  # SIGTERM stops Envoy at once: drain the inbound listeners first (meshtls-proxy drains on SIGTERM)
+        container["lifecycle"] = {"preStop": {"exec": {"command": envoy_drain_command(target.admin_port)}}}
     requests = {k: v for k, v in (("cpu", options.cpu_request), ("memory", options.memory_request)) if v}
-    limits = {"memory": options.memory_limit} if options.memory_limit else {}
+    memory_limit = options.envoy_memory_limit if envoy else options.memory_limit
+    limits = {"memory": memory_limit} if memory_limit else {}
     resources = {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
     if resources:
         container["resources"] = resources
@@ -279,7 +309,9 @@ def workload_api_container(target: InjectionTarget, options: InjectionOptions,
     meshtls-proxy runs, `sidecar_container` serves the API itself and this container is not added."""
     names = {VOLUME_IDENTITY: VOLUME_IDENTITY, VOLUME_BUNDLE: VOLUME_BUNDLE,
              VOLUME_WORKLOAD_API: VOLUME_WORKLOAD_API, **(volume_names or {})}
-    container = sidecar_container(target, options, volume_names, socket_mode)
+    # shaped like a meshtls-proxy sidecar (its probe kind, memory limit, no preStop drain), without listeners
+    plain = dataclasses.replace(target, data_plane=MESHTLS_PROXY_DATA_PLANE, inbound_ports=())
+    container = sidecar_container(plain, options, volume_names, socket_mode)
     container["name"] = WORKLOAD_API_CONTAINER
     container["command"] = [WORKLOAD_API_CONTAINER, "--spiffe-id", target.spiffe_id,
                             "--admin-port", str(WORKLOAD_API_ADMIN_PORT),
@@ -317,13 +349,13 @@ def _warnings(pod_spec_: Mapping[str, Any], containers: list[dict[str, Any]], in
     for port in ours:
         if port in declared:
             warnings.append(f"meshtls: container {', '.join(sorted(set(declared[port])))} declares port {port}, "
-                            f"which the {SIDECAR_NAME} sidecar listens on; one of them will fail to bind")
+                            f"which the {sidecar_name(target)} sidecar listens on; one of them will fail to bind")
     if pod_spec_.get("hostNetwork") is True:
         warnings.append(f"meshtls: pod uses hostNetwork: the sidecar's ports ({', '.join(map(str, ours))}) "
                         "are opened on the node itself and shared with everything else there")
     if not options.native_sidecar and pod_spec_.get("restartPolicy") in ("Never", "OnFailure"):
-        warnings.append(f"meshtls: the {SIDECAR_NAME} sidecar is a regular container (native sidecars are off), "
-                        f"so this restartPolicy {pod_spec_['restartPolicy']} pod will not complete while it runs")
+        warnings.append(f"meshtls: the {sidecar_name(target)} sidecar is a regular container (native sidecars are "
+                        f"off), so this restartPolicy {pod_spec_['restartPolicy']} pod will not complete while it runs")
     return warnings
 
 
@@ -377,6 +409,11 @@ def build_injection_patch(pod: Mapping[str, Any], target: InjectionTarget,
         patch.append({"op": "add", "path": "/spec/containers", "value": [container]})
     else:
         patch.append({"op": "add", "path": "/spec/containers/-", "value": container})
+    if target.workload_api and target.data_plane == ENVOY_DATA_PLANE:  # Envoy does not serve the Workload API
+        socket_mode = SOCKET_MODE_GROUP if has_fs_group else SOCKET_MODE_POD
+        server = workload_api_container(target, options, names, socket_mode)
+        where = "/spec/initContainers/1" if options.native_sidecar else "/spec/containers/-"
+        patch.append({"op": "add", "path": where, "value": server})
 
     wanted = {ANNOTATION_INJECTED: target.identity_name, ANNOTATION_SPIFFE_ID: target.spiffe_id}
     if metadata is None:

@@ -5,9 +5,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from meshtls.api.model import DataPlane
 from meshtls.api.names import DEFAULT_SIDECAR_IMAGE
 
 SIDECAR_NAME = "meshtls-proxy"
+ENVOY_SIDECAR_NAME = "meshtls-envoy"  # the container of the Envoy data plane (its command is the launcher's name too)
+ENVOY_DATA_PLANE = DataPlane.ENVOY.value
+MESHTLS_PROXY_DATA_PLANE = DataPlane.MESHTLS_PROXY.value
 VOLUME_IDENTITY = "meshtls-identity"
 VOLUME_BUNDLE = "meshtls-bundle"
 VOLUME_CONFIG = "meshtls-config"
@@ -28,6 +32,7 @@ class InjectionTarget:
     inbound_ports: tuple[int, ...] = ()
     admin_port: int = 15090
     workload_api: bool = False  # the SPIFFE Workload API socket in the pod (docs/workload-api.md)
+    data_plane: str = MESHTLS_PROXY_DATA_PLANE  # meshtls.api.model.DataPlane's value: which container the pod gets
 
     def selects(self, pod_labels: Mapping[str, str]) -> bool:
         return all(pod_labels.get(k) == v for k, v in self.pod_selector.items())
@@ -40,4 +45,6 @@ class InjectionOptions:
     cpu_request: str = "10m"
     memory_request: str = "32Mi"
     memory_limit: str = "96Mi"
+    # Envoy's RSS is ~70 MB, most of it its 107 MB binary's pages, which the container's memory cgroup counts too
+    envoy_memory_limit: str = "192Mi"
     native_sidecar: bool = True  # an init container with restartPolicy Always (Kubernetes >= 1.29)

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from meshtls.api.constants import LABEL_INJECT_NAMESPACE, LABEL_INJECT_POD, LABEL_MANAGED_BY, MANAGED_BY
-from meshtls.api.model import TrustDomainSpec, parse_trust_domain, parse_workload_identity, resolve_identity
+from meshtls.api.model import DataPlane, TrustDomainSpec, parse_trust_domain, parse_workload_identity, resolve_identity
 from meshtls.api.names import WEBHOOK_CONFIGURATION, WEBHOOK_TLS_SECRET
 from meshtls.api.objects import SecretSnapshot
 from meshtls.injection.admission import Lookup, review_pod_admission
@@ -49,6 +49,7 @@ class WebhookSettings(Protocol):
     webhook_host: str
     webhook_service: str | None
     webhook_failure_policy: str
+    default_data_plane: str
 
 
 def webhook_definitions(options: WebhookSettings, ca_bundle: bytes) -> list[dict[str, Any]]:
@@ -258,7 +259,7 @@ class InjectionWebhook:
                 td_body = await self.kube.run(self.kube.get_trust_domain, td_name)
                 # deleted since it was Ready: its pods keep the identity's Secret and the default bundle
                 td = parse_trust_domain(td_body) if td_body else TrustDomainSpec(name=td_name)
-                identity = resolve_identity(spec, td)
+                identity = resolve_identity(spec, td, DataPlane(self.options.default_data_plane))
                 if not identity.has_sidecar:
                     continue
             except PKIError as exc:  # not Ready for long: the acting replica reports it on the identity

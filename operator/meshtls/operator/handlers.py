@@ -22,6 +22,7 @@ from meshtls.api.constants import (
     VERSION,
     WORKLOAD_IDENTITIES,
 )
+from meshtls.api.model import DataPlane
 from meshtls.controller import metrics
 from meshtls.controller.identity import on_identity_event
 from meshtls.controller.runtime import Operator, follow_peering
@@ -29,7 +30,6 @@ from meshtls.controller.scheduler import IdentityKey
 from meshtls.controller.trust.registry import RESYNC, TrustDomains
 from meshtls.controller.trust_domains import reconcile_trust_domain, trust_domain_gone
 from meshtls.controller.trust_watch import follow_trust_secrets, on_bundle_configmap
-from meshtls.dataplane.layout import CONFIG_FILE
 from meshtls.injection.target import InjectionOptions
 from meshtls.kube import connect
 from meshtls.kube.queries import default_holder, run_heartbeat
@@ -69,7 +69,8 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     # how often a trust domain re-reads what it does not watch (federated bundles); tests shorten it
     resync = dt.timedelta(seconds=float(os.environ.get("MESHTLS_TRUST_RESYNC_SECONDS") or RESYNC.total_seconds()))
     op = Operator(kube=kube, clock=clock, trust=TrustDomains(kube, clock, OPTIONS.operator_namespace, resync,
-                                                               OPTIONS.namespaces))
+                                                               OPTIONS.namespaces),
+                  default_data_plane=DataPlane(OPTIONS.default_data_plane))
     memo.op = op
     memo.scheduler_task = asyncio.create_task(op.scheduler.run())
     memo.trust_watch_task = asyncio.create_task(follow_trust_secrets(op, OPTIONS.operator_namespace))
@@ -180,7 +181,7 @@ async def managed_configmap_event(event: kopf.RawEvent, memo: kopf.Memo, **_: An
     written = op.rendered.get(key)
     if written is None:
         return  # not one meshtls rendered in this run (a bundle, or before the identity's first reconcile)
-    if event["type"] == "DELETED" or dict(obj.get("data") or {}) != {CONFIG_FILE: written}:
+    if event["type"] == "DELETED" or dict(obj.get("data") or {}) != written:
         op.rendered.pop(key, None)  # the cache must not hide the change: the next reconcile writes it again
         op.scheduler.schedule(key, op.clock.now())
 

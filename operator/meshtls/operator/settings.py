@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from meshtls.api.model import DEFAULT_DATA_PLANE
 from meshtls.api.names import DEFAULT_SIDECAR_IMAGE
 
 
@@ -22,6 +23,7 @@ class OperatorOptions:
     webhook_service: str | None = None  # Service mode (in-cluster): name of the Service in operator_namespace
     webhook_failure_policy: str = "Ignore"
     sidecar_image: str = DEFAULT_SIDECAR_IMAGE
+    default_data_plane: str = DEFAULT_DATA_PLANE  # when neither the identity nor its TrustDomain names one
 
 
 OPTIONS = OperatorOptions()

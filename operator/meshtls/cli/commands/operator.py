@@ -29,7 +29,11 @@ def add_operator_command(sub: argparse._SubParsersAction[Parser]) -> None:
     p.add_argument("--webhook-service", default=None, help="Service mode: the webhook Service's name")
     p.add_argument("--webhook-failure-policy", default="Ignore", choices=["Ignore", "Fail"])
     p.add_argument("--sidecar-image", default=os.environ.get("MESHTLS_SIDECAR_IMAGE", DEFAULT_SIDECAR_IMAGE),
-                   help="image of the injected meshtls-proxy container")
+                   help="image of the injected sidecar container (meshtls-proxy or Envoy: the same image)")
+    p.add_argument("--default-data-plane", default=os.environ.get("MESHTLS_DEFAULT_DATA_PLANE", "meshtls-proxy"),
+                   choices=["meshtls-proxy", "envoy"],
+                   help="the sidecar injected when neither a WorkloadIdentity (spec.dataPlane) nor its TrustDomain "
+                        "(spec.sidecar.dataPlane) names one")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=run)
 
@@ -56,5 +60,6 @@ def run(args: argparse.Namespace) -> int:
         webhook_service=args.webhook_service,
         webhook_failure_policy=args.webhook_failure_policy,
         sidecar_image=args.sidecar_image,
+        default_data_plane=args.default_data_plane,
     ), verbose=args.verbose)
     return 0
