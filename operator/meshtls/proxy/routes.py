@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 from meshtls.dataplane.config import InboundRoute, OutboundRoute
@@ -46,8 +47,9 @@ class InboundTls(Tls):
             return
         assert info is not None and self.transport is not None and self.sslobj is not None
         self.info = info
-        if proxy.access_log:
-            proxy.log.info("inbound accepted port=%d peer_addr=%s peer=%s serial=%s resumed=%s", route.port,
+        # DEBUG: a line per connection at INFO cost 6-11 % of the CPU (docs/benchmarks.md); refusals stay WARNING
+        if proxy.access_log and proxy.log.isEnabledFor(logging.DEBUG):
+            proxy.log.debug("inbound accepted port=%d peer_addr=%s peer=%s serial=%s resumed=%s", route.port,
                            self.peername, info.spiffe_id, info.serial, "yes" if self.sslobj.session_reused else "no")
         self.transport.pause_reading()
         proxy.spawn(self._connect_app(), self)
@@ -135,8 +137,8 @@ class OutboundPlain(Plain):
             return
         assert info is not None and tls.sslobj is not None
         tls.info = info
-        if proxy.access_log:
-            proxy.log.info("outbound connected port=%d upstream=%s peer=%s serial=%s resumed=%s", route.listen_port,
+        if proxy.access_log and proxy.log.isEnabledFor(logging.DEBUG):
+            proxy.log.debug("outbound connected port=%d upstream=%s peer=%s serial=%s resumed=%s", route.listen_port,
                            route.address, info.spiffe_id, info.serial, "yes" if tls.sslobj.session_reused else "no")
         if self.gone:
             tls.close_notify()

@@ -54,6 +54,10 @@ class Proxy:
         self._failures_seen = 0
         self.started = False
 
+    def renew_decrypt_buffer(self) -> None:
+        """A fresh shared decrypt buffer: a transport still holds (a view of) the current one."""
+        self._decview = memoryview(bytearray(DECRYPT_BUFFER))
+
     # TLS material ---------------------------------------------------------------------------------------------
     def reload(self) -> bool:
         """Check the volumes once; swap in a new generation if they changed and are usable."""
