@@ -13,6 +13,8 @@ Stacks (each a pair of proxies):
     `ssl_verify_client on` on the other, the same CRL on both, proxy_buffer_size 64k;
   - envoy-x25519: Envoy as rendered but with `ecdh_curves: [X25519]` on both ends, for the cost of the
     post-quantum group (handshakes only);
+  - envoy-32k: Envoy as rendered but with `per_connection_buffer_limit_bytes: 32768` on its listeners and clusters
+    (Envoy's default is 1 MiB), for what that saves in memory (throughput, full handshakes, memory);
   - meshtls-before (only with MESHTLS_BENCH_DP_BASELINE=<git rev>): meshtls-proxy as it was at that commit,
     from `git archive`, for a before/after ratio of proxy changes measured in the same run.
 
@@ -272,10 +274,15 @@ def baseline_proxy(rev: str, root: Path) -> dict[str, str]:
     return env
 
 
-def envoy_bootstrap_for_bench(bootstrap: dict[str, Any], resumption: bool, curves: list[str] | None) -> dict[str, Any]:
-    """The rendered bootstrap with the two knobs the bench turns, nothing else: TLS resumption off on both ends (for
-    full handshakes), and the key-exchange groups (for the cost of the post-quantum one)."""
+def envoy_bootstrap_for_bench(bootstrap: dict[str, Any], resumption: bool, curves: list[str] | None,
+                              buffer_limit: int | None = None) -> dict[str, Any]:
+    """The rendered bootstrap with the knobs the bench turns, nothing else: TLS resumption off on both ends (for
+    full handshakes), the key-exchange groups (for the cost of the post-quantum one), and the per-connection buffer
+    limit (Envoy's default is 1 MiB; for what a smaller one saves in memory)."""
     out = copy.deepcopy(bootstrap)
+    for item in (*out["static_resources"]["listeners"], *out["static_resources"]["clusters"]):
+        if buffer_limit is not None:
+            item["per_connection_buffer_limit_bytes"] = buffer_limit
     for listener in out["static_resources"]["listeners"]:
         for chain in listener["filter_chains"]:
             socket_ = chain.get("transport_socket")
@@ -311,7 +318,7 @@ class Envoy(Stack):
     name = "envoy"
 
     def __init__(self, pki: Pki, root: Path, app_port: int, full_handshakes: bool, label: str = "envoy",
-                 curves: list[str] | None = None) -> None:
+                 curves: list[str] | None = None, buffer_limit: int | None = None) -> None:
         tls, self.entry_port = free_port(), free_port()
         mode = "full" if full_handshakes else "default"
         server = parse_sidecar_config({
@@ -330,7 +337,7 @@ class Envoy(Stack):
             proc = EnvoyProcess(config, root / name / "config", name=name)
             files = render_envoy_files(config, str(proc.config_dir))
             bootstrap = envoy_bootstrap_for_bench(yaml.safe_load(files[ENVOY_CONFIG_FILE]), not full_handshakes,
-                                                  curves)
+                                                  curves, buffer_limit)
             files[ENVOY_CONFIG_FILE] = yaml.safe_dump(bootstrap, sort_keys=False)
             write_atomic_volume(proc.config_dir, {k: v.encode() for k, v in files.items()})
             self.sides[side] = proc
@@ -569,6 +576,7 @@ ENVOY_CPU_PER_GIB_GOAL = 0.9  # x nginx, at most
 ENVOY_HANDSHAKES_GOAL = 1.5  # x nginx, at least
 ENVOY_PRIVATE_MB_GOAL = 20.0  # anonymous memory per Envoy sidecar, at most
 MESHTLS_RSS_MB_GOAL = 40.0
+ENVOY_BUFFER_LIMIT = 32 * 1024  # the variant `envoy-32k`: Envoy as rendered with this per-connection buffer limit
 
 
 def _measure_cpu(stack: Stack, fn: Any) -> tuple[Any, float]:
@@ -634,6 +642,8 @@ def run(knobs: Knobs, out: Path) -> dict[str, Any]:
             started["envoy"] = Envoy(pki, root, app_port, full)
             started["nginx"] = Nginx(nginx, pki, root, app_port, full)
             started["envoy-x25519"] = Envoy(pki, root, app_port, full, "envoy-x25519", [CLASSICAL_GROUP])
+            if full:  # a memory question: throughput, full handshakes and memory are enough
+                started["envoy-32k"] = Envoy(pki, root, app_port, full, "envoy-32k", None, ENVOY_BUFFER_LIMIT)
             if baseline_env is not None:
                 started["meshtls-before"] = Meshtls(pki, root, app_port, full, "meshtls-before", baseline_env)
         except BaseException:
@@ -681,13 +691,14 @@ def run(knobs: Knobs, out: Path) -> dict[str, Any]:
         total_hs = rounds * knobs.dp_handshakes
         check_groups(counters_full["envoy"], PQ_GROUP, total_hs - failed["envoy"])
         check_groups(counters_full["envoy-x25519"], CLASSICAL_GROUP, total_hs - failed["envoy-x25519"])
-        for name in ("meshtls", "envoy", "envoy-x25519"):
+        check_groups(counters_full["envoy-32k"], PQ_GROUP, total_hs - failed["envoy-32k"])
+        for name in ("meshtls", "envoy", "envoy-x25519", "envoy-32k"):
             if counters_full[name]["resumed"]:
                 raise RuntimeError(f"{name} resumed {counters_full[name]['resumed']:.0f} sessions with resumption off")
         # --- latency added at a fixed rate: short slices, stacks in turn, so bursts of noise hit all of them -------
         lat: dict[str, list[float]] = {"direct": []}
-        order: list[tuple[str, Stack]] = [("direct", Direct(app_port)),
-                                          *((n, s) for n, s in stacks.items() if n != "envoy-x25519")]
+        order: list[tuple[str, Stack]] = [("direct", Direct(app_port)), *(
+            (n, s) for n, s in stacks.items() if n not in ("envoy-x25519", "envoy-32k"))]
         slices = max(1, knobs.dp_seconds // 5)
         for i in range(slices):
             for name, stack in order:
@@ -742,6 +753,8 @@ def run(knobs: Knobs, out: Path) -> dict[str, Any]:
     ratios["envoy_pq_over_x25519_resumed_handshakes"] = round(hs_resumed["envoy"] / hs_resumed["envoy-x25519"], 2)
     ratios["envoy_over_meshtls_cpu_per_gib"] = round(cpu_gib["envoy"] / cpu_gib["meshtls"], 2)
     ratios["envoy_over_meshtls_full_handshakes"] = round(hs_full["envoy"] / hs_full["meshtls"], 2)
+    ratios["envoy_32k_over_envoy_cpu_per_gib"] = round(cpu_gib["envoy-32k"] / cpu_gib["envoy"], 2)
+    ratios["envoy_32k_over_envoy_full_handshakes"] = round(hs_full["envoy-32k"] / hs_full["envoy"], 2)
     if baseline_env is not None:
         ratios["meshtls_after_over_before_cpu_per_gib"] = round(cpu_gib["meshtls"] / cpu_gib["meshtls-before"], 2)
         ratios["meshtls_after_over_before_full_handshakes"] = round(hs_full["meshtls"] / hs_full["meshtls-before"], 2)
@@ -759,7 +772,8 @@ def run(knobs: Knobs, out: Path) -> dict[str, Any]:
     memory_ok = {"envoy": goals["envoy_anonymous_memory_per_sidecar_at_most_20mb"],
                  "meshtls": goals["meshtls_rss_per_sidecar_at_most_40mb"]}
     result.update({
-        "stacks": [*THREE, "envoy-x25519", *(["meshtls-before"] if baseline_env is not None else [])],
+        "stacks": [*THREE, "envoy-x25519", "envoy-32k", *(["meshtls-before"] if baseline_env is not None else [])],
+        "envoy_buffer_limit_bytes": ENVOY_BUFFER_LIMIT,
         "cpu_s_per_gib": {**cpu_gib, "all_rounds": _rounded(tput, 3)},
         "handshakes_per_cpu_s": {**hs_full, "all_rounds": _rounded(hs, 1), "failed": failed, "counters": counters_full},
         "handshakes_per_cpu_s_resumption_on": {**hs_resumed, "all_rounds": _rounded(hs_default, 1), "failed":

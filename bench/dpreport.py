@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 LABELS = {"meshtls": "meshtls-proxy", "envoy": "Envoy (as rendered)", "nginx": "nginx (stream)",
-          "envoy-x25519": "Envoy, X25519 only", "meshtls-before": "meshtls-proxy before"}
+          "envoy-x25519": "Envoy, X25519 only", "envoy-32k": "Envoy, 32 KiB buffers",
+          "meshtls-before": "meshtls-proxy before"}
 
 
 def _mark(ok: Any) -> str:
@@ -71,6 +72,17 @@ def markdown(dp: dict[str, Any]) -> list[str]:
         f"{hsr['envoy']} vs {hsr['envoy-x25519']} = {r['envoy_pq_over_x25519_resumed_handshakes']}x.",
         "",
     ]
+    if "envoy-32k" in cpu:
+        w32 = dp["memory_worst_side_mb"]["envoy-32k"]
+        lines += [
+            f"Envoy with a {dp['envoy_buffer_limit_bytes'] // 1024} KiB per-connection buffer limit "
+            "(`per_connection_buffer_limit_bytes` on listeners and clusters; Envoy's default is 1 MiB), same run: "
+            f"anonymous memory per sidecar after the load {w32['anon']} MB (as rendered: "
+            f"{dp['memory_worst_side_mb']['envoy']['anon']} MB), RSS {w32['rss']} MB, PSS {w32['pss']} MB; CPU-s per "
+            f"GiB {cpu['envoy-32k']} ({r['envoy_32k_over_envoy_cpu_per_gib']}x as rendered), full handshakes per "
+            f"CPU-s {hs['envoy-32k']} ({r['envoy_32k_over_envoy_full_handshakes']}x).",
+            "",
+        ]
     if "meshtls-before" in cpu:
         lines += [
             f"meshtls-proxy before / after its changes (`meshtls-before` = the proxy at `{dp['baseline']}`, same run): "
