@@ -18,9 +18,9 @@ from meshtls.proxy.reloader import TLSContexts
 if TYPE_CHECKING:
     from meshtls.proxy.server import Proxy
 
-# One recv_into per readable event, into one buffer shared by all connections. 256 KiB rather than 64: a quarter of the
-# Python callbacks per GiB, 0.85x the CPU per GiB in the data-plane bench (1 MiB gained little more).
-READ_CHUNK = 256 * 1024
+# One recv_into per readable event, into one buffer shared by all connections. 256 KiB measured 0.85-0.93x the CPU per
+# GiB but +1-3 MB peak RSS (larger transient TLS writes): over the 40 MB sidecar goal (docs/benchmarks.md).
+READ_CHUNK = 64 * 1024
 TLS_RECORD = 16 * 1024 + 256
 DECRYPT_BUFFER = READ_CHUNK + TLS_RECORD
 WRITE_HIGH_WATER = 256 * 1024  # a peer's write buffer above this pauses reading on the other socket
