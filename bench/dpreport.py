@@ -19,6 +19,14 @@ def _mem(side: dict[str, float]) -> str:
     return f"{side['rss']} / {side['pss']} / {side['anon']} / {side['private']}"
 
 
+def _choice(decision: dict[str, Any]) -> str:
+    if decision["choice"]:
+        return str(decision["choice"])
+    if decision.get("if_rendered_with_32k_buffers"):
+        return f"{decision['if_rendered_with_32k_buffers']}, once rendered with 32 KiB per-connection buffers"
+    return "undecided"
+
+
 def markdown(dp: dict[str, Any]) -> list[str]:
     three = ("meshtls", "envoy", "nginx")
     cpu, hs, hsr = dp["cpu_s_per_gib"], dp["handshakes_per_cpu_s"], dp["handshakes_per_cpu_s_resumption_on"]
@@ -112,8 +120,7 @@ def markdown(dp: dict[str, Any]) -> list[str]:
         f"| meshtls-proxy RSS per sidecar <= 40 MB | {w['meshtls']['rss']} MB | "
         f"{_mark(goals['meshtls_rss_per_sidecar_at_most_40mb'])} |",
         "",
-        f"Chart default by these figures: **{dp['default_data_plane']['choice'] or 'undecided'}** "
-        f"({dp['default_data_plane']['why']}).",
+        f"Chart default by these figures: **{_choice(dp['default_data_plane'])}** ({dp['default_data_plane']['why']}).",
         "",
         f"Rounds: CPU-s/GiB {json.dumps(cpu['all_rounds'])}; full handshakes/CPU-s {json.dumps(hs['all_rounds'])}; "
         f"with resumption {json.dumps(hsr['all_rounds'])}. Failed connections: {json.dumps(hs['failed'])}, "

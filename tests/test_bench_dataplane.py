@@ -118,6 +118,23 @@ def test_the_negotiated_group_comes_from_envoys_per_curve_counters() -> None:
         check_groups(mixed, "X25519MLKEM768", 300)
 
 
+@pytest.mark.parametrize(("variant_cpu", "variant_memory_ok", "conditional", "why"), [
+    (1.1, True, "envoy", "is within it and still wins"),
+    (1.1, False, None, "misses it too and still wins"),
+    (2.5, True, None, "is within it and no longer wins"),
+])
+def test_an_envoy_over_its_memory_goal_is_the_default_only_with_smaller_buffers(
+        variant_cpu: float, variant_memory_ok: bool, conditional: str | None, why: str) -> None:
+    decision = _default_plane({"meshtls": 2.0, "envoy": 1.0, "envoy-32k": variant_cpu},
+                              {"meshtls": 300, "envoy": 900, "envoy-32k": 950},
+                              {"meshtls": True, "envoy": False, "envoy-32k": variant_memory_ok})
+    assert decision["choice"] is None
+    assert decision["if_rendered_with_32k_buffers"] == conditional
+    assert why in decision["why"]
+    text = dpreport._choice(decision)
+    assert text == ("envoy, once rendered with 32 KiB per-connection buffers" if conditional else "undecided")
+
+
 @pytest.mark.parametrize(("cpu", "hs", "memory_ok", "choice", "why"), [
     ({"meshtls": 2.0, "envoy": 1.0}, {"meshtls": 300, "envoy": 900}, {"meshtls": True, "envoy": True}, "envoy",
      "1.00 vs 2.00"),
