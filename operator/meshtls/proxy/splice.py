@@ -345,7 +345,7 @@ class Tls(Side):
         transport = peer.transport
         if transport is not None and transport.get_write_buffer_size():
             # Not all of it went out: the transport may hold the view itself (Python >= 3.12 keeps the caller's
-            # buffer), so that buffer is the transport's now and the next connection decrypts into a new one.
+            # buffer), so that buffer is the transport's now and later reads decrypt into a new one.
             self.proxy.renew_decrypt_buffer()
 
     def _tls_error(self, exc: ssl.SSLError) -> None:
