@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default=os.environ.get(LOG_LEVEL_ENV, "INFO"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
     parser.add_argument("--no-access-log", action="store_true",
-                        help="do not log each accepted connection (logged at DEBUG, so only with --log-level DEBUG; "
-                             f"env {ACCESS_LOG_ENV}=0)")
+                        help="do not log accepted connections (the first of each peer certificate at INFO, the "
+                             f"others at DEBUG; env {ACCESS_LOG_ENV}=0)")
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")

@@ -47,10 +47,10 @@ class InboundTls(Tls):
             return
         assert info is not None and self.transport is not None and self.sslobj is not None
         self.info = info
-        # DEBUG: a line per connection at INFO cost 6-11 % of the CPU (docs/benchmarks.md); refusals stay WARNING
-        if proxy.access_log and proxy.log.isEnabledFor(logging.DEBUG):
-            proxy.log.debug("inbound accepted port=%d peer_addr=%s peer=%s serial=%s resumed=%s", route.port,
-                           self.peername, info.spiffe_id, info.serial, "yes" if self.sslobj.session_reused else "no")
+        level = proxy.access_log_level("inbound", info.serial) if proxy.access_log else logging.NOTSET
+        if level and proxy.log.isEnabledFor(level):  # refusals are logged at WARNING, always
+            proxy.log.log(level, "inbound accepted port=%d peer_addr=%s peer=%s serial=%s resumed=%s", route.port,
+                          self.peername, info.spiffe_id, info.serial, "yes" if self.sslobj.session_reused else "no")
         self.transport.pause_reading()
         proxy.spawn(self._connect_app(), self)
 
@@ -137,9 +137,11 @@ class OutboundPlain(Plain):
             return
         assert info is not None and tls.sslobj is not None
         tls.info = info
-        if proxy.access_log and proxy.log.isEnabledFor(logging.DEBUG):
-            proxy.log.debug("outbound connected port=%d upstream=%s peer=%s serial=%s resumed=%s", route.listen_port,
-                           route.address, info.spiffe_id, info.serial, "yes" if tls.sslobj.session_reused else "no")
+        level = proxy.access_log_level("outbound", info.serial) if proxy.access_log else logging.NOTSET
+        if level and proxy.log.isEnabledFor(level):
+            proxy.log.log(level, "outbound connected port=%d upstream=%s peer=%s serial=%s resumed=%s",
+                          route.listen_port, route.address, info.spiffe_id, info.serial,
+                          "yes" if tls.sslobj.session_reused else "no")
         if self.gone:
             tls.close_notify()
             return
