@@ -7,6 +7,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bench import dpreport
+
 
 def _mark(ok: Any) -> str:
     return "met" if ok is True else ("**not met**" if ok is False else "n/a")
@@ -94,36 +96,8 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
         made.append("rotation_spread.png")
 
     dp = results.get("dataplane") or {}
-    if dp.get("cpu_s_per_gib"):
-        names = ["CPU-s per GiB\n(lower is better)", "full handshakes\nper CPU-s",
-                 "handshakes per CPU-s\n(resumption on)",
-                 "RSS per proxy\n(lower is better)", "p99 added\n(lower is better)"]
-        rss_m = max(dp["rss_mb"]["meshtls"].values())
-        rss_n = max(dp["rss_mb"]["nginx"].values())  # RSS vs RSS (nginx: master + worker)
-        p99_n = dp["latency_added_ms"]["nginx"]["p99_ms"]
-        vals = [dp["cpu_s_per_gib"]["meshtls"] / dp["cpu_s_per_gib"]["nginx"],
-                dp["handshakes_per_cpu_s"]["meshtls"] / dp["handshakes_per_cpu_s"]["nginx"],
-                dp["handshakes_per_cpu_s_resumption_on"]["meshtls"] / dp["handshakes_per_cpu_s_resumption_on"]["nginx"],
-                rss_m / rss_n,
-                dp["latency_added_ms"]["meshtls"]["p99_ms"] / p99_n if p99_n > 0 else float("nan")]
-        goals = [1.0, 0.9, None, None, None]
-        fig, ax = plt.subplots(figsize=(9, 4))
-        bars = ax.bar(range(len(vals)), vals, color=["tab:blue"] * len(vals))
-        ax.axhline(1.0, color="k", ls="--", label="nginx = 1")
-        for i, g in enumerate(goals):
-            if g is not None:
-                ax.plot([i - 0.4, i + 0.4], [g, g], color="tab:red", lw=2, label="goal" if i == 0 else None)
-        for b, v in zip(bars, vals, strict=True):
-            ax.text(b.get_x() + b.get_width() / 2, v, f"{v:.2f}x", ha="center", va="bottom")
-        ax.set_xticks(range(len(vals)), names, fontsize=8)
-        ax.set_ylabel("meshtls / nginx")
-        ax.set_title("Data plane: meshtls-proxy relative to nginx (stream), same certificates, loopback")
-        ax.legend()
-        ax.grid(alpha=0.3, axis="y")
-        fig.tight_layout()
-        fig.savefig(out / "dataplane_ratios.png", dpi=90)
-        plt.close(fig)
-        made.append("dataplane_ratios.png")
+    if dp.get("memory_mb"):
+        made.append(dpreport.plot(dp, out, plt))
     return made
 
 
@@ -249,45 +223,8 @@ def markdown(results: dict[str, Any], images: list[str]) -> str:
             "",
         ]
     dp = results.get("dataplane")
-    if dp:
-        lat, add = dp["latency_ms"], dp["latency_added_ms"]
-        r = dp["ratios"]
-        lines += [
-            "## 4. Data plane: meshtls-proxy vs nginx (stream)",
-            "",
-            f"Client-side proxy (originates mTLS) -> server-side proxy (terminates, verifies the client) -> app, on "
-            f"loopback; best of {dp['rounds']} rounds; CPU of both proxies of a pair.",
-            "",
-            "| | meshtls-proxy | nginx | meshtls / nginx | goal |",
-            "|---|---|---|---|---|",
-            f"| CPU-s per GiB moved ({dp['bytes_per_run'] >> 20} MiB per run) | {dp['cpu_s_per_gib']['meshtls']} | "
-            f"{dp['cpu_s_per_gib']['nginx']} | {r['cpu_per_gib_meshtls_over_nginx']}x | <= 1x: "
-            f"{_mark(dp['goals']['cpu_per_gib_no_worse_than_nginx'])} |",
-            f"| full mTLS handshakes per CPU-s ({dp['handshakes_per_run']} connections) | "
-            f"{dp['handshakes_per_cpu_s']['meshtls']} | {dp['handshakes_per_cpu_s']['nginx']} | "
-            f"{r['handshakes_per_cpu_meshtls_over_nginx']}x | >= 0.9x: "
-            f"{_mark(dp['goals']['handshakes_per_cpu_at_least_0.9x_nginx'])} |",
-            f"| handshakes per CPU-s, resumption on (defaults) | "
-            f"{dp['handshakes_per_cpu_s_resumption_on']['meshtls']} | "
-            f"{dp['handshakes_per_cpu_s_resumption_on']['nginx']} | "
-            f"{r['handshakes_per_cpu_resumption_on_meshtls_over_nginx']}x | |",
-            f"| latency at {dp['latency_rate']} req/s of 1 KiB: p50 / p99 (direct: {lat['direct']['p50']} / "
-            f"{lat['direct']['p99']} ms) | {lat['meshtls']['p50']} / {lat['meshtls']['p99']} ms | "
-            f"{lat['nginx']['p50']} / {lat['nginx']['p99']} ms | | |",
-            f"| latency added p50 / p99 | {add['meshtls']['p50_ms']} / **{add['meshtls']['p99_ms']}** ms | "
-            f"{add['nginx']['p50_ms']} / {add['nginx']['p99_ms']} ms | | p99 < 1 ms: "
-            f"{_mark(dp['goals']['p99_added_under_1ms'])} |",
-            f"| RSS per proxy, client / server side | {dp['rss_mb']['meshtls']['client-side']} / "
-            f"{dp['rss_mb']['meshtls']['server-side']} MB | {dp['rss_mb']['nginx']['client-side']} / "
-            f"{dp['rss_mb']['nginx']['server-side']} MB (master + worker; PSS {dp['pss_mb']['nginx']['client-side']} / "
-            f"{dp['pss_mb']['nginx']['server-side']}) | | <= 40 MB: "
-            f"{_mark(dp['goals']['rss_per_sidecar_at_most_40mb'])} |",
-            "",
-            f"Rounds: CPU-s/GiB {json.dumps(dp['cpu_s_per_gib']['all_rounds'])}; handshakes/CPU-s "
-            f"{json.dumps(dp['handshakes_per_cpu_s']['all_rounds'])}. meshtls counters (full-handshake run): "
-            f"{dp['handshakes_per_cpu_s']['meshtls_counters']}. Machine during the section: {dp['machine']}.",
-            "",
-        ]
+    if dp and dp.get("memory_mb"):
+        lines += dpreport.markdown(dp)
     for img in images:
         lines.append(f"![{img}]({img})")
     return "\n".join(lines) + "\n"

@@ -9,6 +9,7 @@ Knobs (environment):
   MESHTLS_BENCH_IDLE_SECONDS=60   steady-state CPU window
   MESHTLS_BENCH_DP_MIB=2048 MESHTLS_BENCH_DP_HANDSHAKES=3000 MESHTLS_BENCH_DP_RATE=1000 MESHTLS_BENCH_DP_SECONDS=15
   MESHTLS_BENCH_SECTIONS=issuance,steady,revocation,dataplane   a subset
+  MESHTLS_BENCH_DP_BASELINE=REV   also run meshtls-proxy as it was at git REV in the data-plane section (before/after)
   MESHTLS_BENCH_OUT=DIR           where results go (default bench/results/<timestamp>)
   MESHTLS_BENCH_PYSPY=1           profile the operator during issuance with py-spy (if installed)
   MESHTLS_CLUSTER_DIR             the control plane's state dir (default: a bench-only dir in the cache, so a

@@ -96,6 +96,8 @@ def test_two_real_sidecars_probes_metrics_revocation_and_sigterm(
         assert metric(text, "meshtls_proxy_ready") == 1
         s.wait_for_log(f"inbound accepted port={inbound}")
         assert client.spiffe_id in s.log()
+        # at the default INFO level, the first connection of a peer certificate only, not one line per connection
+        assert s.log().count("inbound accepted") == 1 and c.log().count("outbound connected") == 1
 
         server.revoke(client.cert)
         s.wait_for_log("crl_numbers=2")

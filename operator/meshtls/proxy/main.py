@@ -82,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-level", default=os.environ.get(LOG_LEVEL_ENV, "INFO"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
     parser.add_argument("--no-access-log", action="store_true",
-                        help=f"do not log each accepted connection (env {ACCESS_LOG_ENV}=0)")
+                        help="do not log accepted connections (the first of each peer certificate at INFO, the "
+                             f"others at DEBUG; env {ACCESS_LOG_ENV}=0)")
     _workload_api_arguments(parser, required=False)
     args = parser.parse_args(argv)
     logging.basicConfig(stream=sys.stderr, level=args.log_level,

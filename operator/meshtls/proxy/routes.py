@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
 from meshtls.dataplane.config import InboundRoute, OutboundRoute
@@ -46,9 +47,10 @@ class InboundTls(Tls):
             return
         assert info is not None and self.transport is not None and self.sslobj is not None
         self.info = info
-        if proxy.access_log:
-            proxy.log.info("inbound accepted port=%d peer_addr=%s peer=%s serial=%s resumed=%s", route.port,
-                           self.peername, info.spiffe_id, info.serial, "yes" if self.sslobj.session_reused else "no")
+        level = proxy.access_log_level("inbound", info.serial) if proxy.access_log else logging.NOTSET
+        if level and proxy.log.isEnabledFor(level):  # refusals are logged at WARNING, always
+            proxy.log.log(level, "inbound accepted port=%d peer_addr=%s peer=%s serial=%s resumed=%s", route.port,
+                          self.peername, info.spiffe_id, info.serial, "yes" if self.sslobj.session_reused else "no")
         self.transport.pause_reading()
         proxy.spawn(self._connect_app(), self)
 
@@ -135,9 +137,11 @@ class OutboundPlain(Plain):
             return
         assert info is not None and tls.sslobj is not None
         tls.info = info
-        if proxy.access_log:
-            proxy.log.info("outbound connected port=%d upstream=%s peer=%s serial=%s resumed=%s", route.listen_port,
-                           route.address, info.spiffe_id, info.serial, "yes" if tls.sslobj.session_reused else "no")
+        level = proxy.access_log_level("outbound", info.serial) if proxy.access_log else logging.NOTSET
+        if level and proxy.log.isEnabledFor(level):
+            proxy.log.log(level, "outbound connected port=%d upstream=%s peer=%s serial=%s resumed=%s",
+                          route.listen_port, route.address, info.spiffe_id, info.serial,
+                          "yes" if tls.sslobj.session_reused else "no")
         if self.gone:
             tls.close_notify()
             return

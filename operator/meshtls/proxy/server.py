@@ -24,6 +24,7 @@ from meshtls.proxy.splice import DECRYPT_BUFFER, READ_CHUNK, Side, Tls
 log = logging.getLogger("meshtls.proxy")
 
 DEFAULT_BIND = "0.0.0.0"
+ACCESS_LOG_MEMORY = 4096  # peer certificates remembered as logged at INFO
 
 
 class Proxy:
@@ -52,10 +53,27 @@ class Proxy:
         self._reload_task: asyncio.Task[None] | None = None
         self._stop: asyncio.Event | None = None
         self._failures_seen = 0
+        self._access_logged: set[tuple[str, str]] = set()
         self.started = False
         # what else the pod serves from the same files (the Workload API): told after every reload tick, scraped too
         self.observers: list[Callable[[], object]] = []
         self.metric_sources: list[Callable[[], bytes]] = []
+
+    def access_log_level(self, direction: str, serial: str) -> int:
+        """INFO for the first connection of a peer certificate in a direction, DEBUG for the rest: a log line per
+        connection at INFO cost 6-11 % of the proxy's CPU (docs/benchmarks.md), one per certificate shows who
+        connects (and that a rotated certificate arrived)."""
+        key = (direction, serial)
+        if key in self._access_logged:
+            return logging.DEBUG
+        if len(self._access_logged) >= ACCESS_LOG_MEMORY:
+            self._access_logged.clear()  # bounded: at worst a peer is logged at INFO once more
+        self._access_logged.add(key)
+        return logging.INFO
+
+    def renew_decrypt_buffer(self) -> None:
+        """A fresh shared decrypt buffer: a transport still holds (a view of) the current one."""
+        self._decview = memoryview(bytearray(DECRYPT_BUFFER))
 
     # TLS material ---------------------------------------------------------------------------------------------
     def reload(self) -> bool:

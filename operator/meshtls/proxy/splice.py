@@ -18,7 +18,9 @@ from meshtls.proxy.reloader import TLSContexts
 if TYPE_CHECKING:
     from meshtls.proxy.server import Proxy
 
-READ_CHUNK = 64 * 1024  # one recv_into per readable event; shared by all connections
+# One recv_into per readable event, into one buffer shared by all connections. 256 KiB measured 0.85-0.93x the CPU per
+# GiB but +1-3 MB peak RSS (larger transient TLS writes): over the 40 MB sidecar goal (docs/benchmarks.md).
+READ_CHUNK = 64 * 1024
 TLS_RECORD = 16 * 1024 + 256
 DECRYPT_BUFFER = READ_CHUNK + TLS_RECORD
 WRITE_HIGH_WATER = 256 * 1024  # a peer's write buffer above this pauses reading on the other socket
@@ -309,6 +311,7 @@ class Tls(Side):
             off += n
             if room - off < TLS_RECORD:
                 self._deliver(view[:off])
+                view = self.proxy._decview  # a new buffer if the peer's transport kept the old one
                 off = 0
             if not incoming.pending and not sslobj.pending():
                 break
@@ -331,13 +334,19 @@ class Tls(Side):
                 self.close()
 
     def _deliver(self, data: memoryview) -> None:
+        """Hand decrypted bytes (a view of the shared decrypt buffer) to the peer without copying them."""
         self.received += len(data)
         self.proxy.stats.bytes_received[self.direction] += len(data)
         peer = self.peer
-        if peer is not None:
-            peer.send(bytes(data))  # a copy: the buffer is shared and transports may keep what they cannot send
-        else:
+        if peer is None:
             self._pending.append(bytes(data))
+            return
+        peer.send(data)
+        transport = peer.transport
+        if transport is not None and transport.get_write_buffer_size():
+            # Not all of it went out: the transport may hold the view itself (Python >= 3.12 keeps the caller's
+            # buffer), so that buffer is the transport's now and later reads decrypt into a new one.
+            self.proxy.renew_decrypt_buffer()
 
     def _tls_error(self, exc: ssl.SSLError) -> None:
         if isinstance(exc, ssl.SSLEOFError):  # writing after the peer's TCP EOF without close_notify
