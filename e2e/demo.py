@@ -25,6 +25,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from e2e.demo_sidecars import DemoSidecars, demo_runtime
 from e2e.harness import Cluster
 from e2e.operator_process import OperatorProcess, free_port
 
@@ -76,6 +77,7 @@ def main() -> int:
     step("starting the local Kubernetes control plane (first run builds it from source: several minutes)")
     cluster = Cluster.start(cleanup_on_exit=True, log=lambda m: console.print(f"    {m}", style="dim"))
     operator: OperatorProcess | None = None
+    sidecars: DemoSidecars | None = None
     logs = Path(tempfile.mkdtemp(prefix="meshtls-demo-"))
     interrupted = False
 
@@ -104,6 +106,11 @@ def main() -> int:
         api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
         custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
         show_injection(core)
+        sidecars = DemoSidecars(api, NAMESPACE, logs / "pods", demo_runtime(lambda m: step(m)))
+        sidecars.start(["backend", "frontend"], app_port=8080)
+        response, groups = sidecars.call("frontend", "backend", 8443)
+        console.print(f"    frontend's certificate → backend's sidecar :8443 → app: {response!r}; "
+                      f"key exchange {groups}", style="dim")
         step(f"watching certificates being issued and rotated (ends after {ROTATIONS_TO_SHOW} rotations each, "
              "or Ctrl-C)")
         events: list[str] = []
@@ -122,6 +129,8 @@ def main() -> int:
         interrupted = True
         console.print("\n[yellow]interrupted: cleaning up[/]")
     finally:
+        if sidecars is not None:
+            sidecars.stop()
         if operator is not None:
             operator.stop()
         if cluster.owned:
