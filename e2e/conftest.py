@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import pytest
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from testsupport.containers import SIDECAR_FROM_ENV, image_runtime
 
 from e2e.harness import BuildError, Cluster, ComponentError, HarnessError, build_all
 from e2e.kube_helpers import Kube, is_ready, wait_for
@@ -39,6 +40,8 @@ class PushedImage:
     @property
     def reference(self) -> str:
         return f"{self.repository}:{self.tag}"
+
+
 _build_error: str | None = None
 
 
@@ -57,6 +60,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         build_all(log)
     except BuildError as e:
         _build_error = str(e)
+    if os.environ.get(SIDECAR_FROM_ENV, "image") == "image":
+        log("the sidecars' image: the cached one, or built now (make image; MESHTLS_SIDECAR_FROM=venv skips it)")
+        try:
+            image_runtime()
+        except RuntimeError as e:  # said again, failing them, by the tests that run a sidecar
+            log(f"the sidecars' image is not available: {e}")
 
 
 @pytest.fixture(scope="session")

@@ -8,11 +8,15 @@ sidecar from the image's root (testsupport.containers), unless MESHTLS_SIDECAR_F
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import select
 import subprocess
 import sys
 import tarfile
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,13 +24,18 @@ import pytest
 from kubernetes import client
 from testsupport.containers import ImageRuntime, image_runtime, sidecar_runtime
 from testsupport.image import IMAGE_USER, Image, ImageError, push
-from testsupport.proxymesh import metric
+from testsupport.kubelet import SidecarProcess, write_atomic_volume
+from testsupport.proxymesh import TcpApp, Workload, echo, free_ports, metric, roundtrip
 
 from e2e.conftest import PushedImage
 from e2e.kube_helpers import Kube
 from e2e.mesh import Mesh, http_get
 from e2e.operator_process import OperatorProcess, free_port
 from e2e.registry import LoopbackRegistry, skopeo_inspect
+from meshtls.dataplane.config import parse_sidecar_config
+from meshtls.dataplane.envoy import envoy_arguments, render_envoy_files
+from meshtls.dataplane.layout import BUNDLE_DIR, CONFIG_DIR, IDENTITY_DIR
+from meshtls.pki import generate_ca
 
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
@@ -211,3 +220,84 @@ def test_two_sidecars_from_the_image_negotiate_x25519mlkem768(mesh: Mesh, trust_
     assert metric(server.process.metrics(), "meshtls_proxy_tls_groups_total", direction="inbound",
                   group=PQ_GROUP) == inbound + 1
     print(f"\nsidecars from {runtime.reference}: inbound {PQ_GROUP} x{inbound + 1:.0f}, outbound x{outbound:.0f}")
+
+
+def test_envoy_from_the_image_and_meshtls_proxy_from_the_image_negotiate_x25519mlkem768(
+    built_image: Image, tmp_path: Path,
+) -> None:
+    """The second data plane's binary comes from the image too: an Envoy inbound sidecar (the config meshtls renders,
+    bound at the pod's mount paths), called by meshtls-proxy and by `openssl s_client`, both from the image."""
+    runtime = image_runtime()
+    ca = generate_ca("example.org", dt.datetime.now(dt.UTC))
+    server, caller = Workload("server", tmp_path, ca), Workload("client", tmp_path, ca)
+    app, inbound, outbound = TcpApp(echo), *free_ports(2)
+    config = parse_sidecar_config(server.config(
+        inbound=[{"port": inbound, "appPort": app.port, "allow": [caller.spiffe_id]}]) | {
+        "identityDir": IDENTITY_DIR, "bundleDir": BUNDLE_DIR})
+    envoy_dir = tmp_path / "envoy-config"
+    write_atomic_volume(envoy_dir, {k: v.encode() for k, v in render_envoy_files(config, CONFIG_DIR).items()})
+    mounts = {IDENTITY_DIR: server.identity_dir, BUNDLE_DIR: server.bundle_dir, CONFIG_DIR: envoy_dir}
+    argv, env = runtime.launch(["envoy", *envoy_arguments(CONFIG_DIR), "-l", "warning"], mounts)
+    log_path = tmp_path / "envoy.log"
+    with open(log_path, "wb") as log:
+        envoy = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+    proxy = SidecarProcess(caller.config(outbound=[{"listenPort": outbound, "address": f"127.0.0.1:{inbound}",
+                                                    "peer": server.spiffe_id}]),
+                           caller.identity_dir, caller.bundle_dir, tmp_path / "proxy-config", runtime=runtime)
+    try:
+        deadline = time.monotonic() + 30
+        while not _envoy_ready(config.admin_port):
+            assert envoy.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.1)
+        assert os.path.realpath(f"/proc/{envoy.pid}/root") == os.path.realpath(runtime.root)
+        with proxy:
+            assert roundtrip(outbound, b"through envoy") == b"through envoy"
+            assert metric(proxy.metrics(), "meshtls_proxy_tls_groups_total", direction="outbound",
+                          group=PQ_GROUP) == 1, proxy.metrics()
+        # s_client stays connected (-ign_eof) until the app's echo is back, then it is stopped
+        argv, env = runtime.launch(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{inbound}", "-groups", PQ_GROUP, "-cert",
+             f"{IDENTITY_DIR}/tls.crt", "-key", f"{IDENTITY_DIR}/tls.key", "-CAfile", f"{BUNDLE_DIR}/ca.crt",
+             "-ign_eof"], {IDENTITY_DIR: caller.identity_dir, BUNDLE_DIR: caller.bundle_dir})
+        output = _converse(argv, env, b"ping\n", until=b"ping\n")  # the echo, right after the ticket dump
+        assert f"Negotiated TLS1.3 group: {PQ_GROUP}" in output, output
+        assert "Verify return code: 0 (ok)" in output, output
+        # and Envoy's own count: every handshake it made used the hybrid group (`ssl.curves.<name>`)
+        with urllib.request.urlopen(f"http://127.0.0.1:{config.admin_port}/stats?filter=ssl.curves", timeout=5) as r:
+            curves = dict(line.split(": ") for line in r.read().decode().splitlines() if ": " in line)
+        assert {k.rsplit(".", 1)[-1]: int(v) for k, v in curves.items() if int(v)} == {PQ_GROUP: 2}, curves
+    finally:
+        envoy.terminate()
+        envoy.wait(10)
+        app.close()
+
+
+def _envoy_ready(admin_port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/ready", timeout=1) as response:
+            return response.read().decode().strip() == "LIVE"
+    except OSError:
+        return False
+
+
+def _converse(argv: list[str], env: dict[str, str], send: bytes, until: bytes, timeout: float = 20) -> str:
+    """Runs argv, writes `send` to it, reads its output until `until` shows up (or the timeout), then stops it."""
+    proc = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(send)
+    proc.stdin.flush()
+    output = b""
+    deadline = time.monotonic() + timeout
+    try:
+        while until not in output and time.monotonic() < deadline:
+            ready, _, _ = select.select([proc.stdout], [], [], 0.2)
+            if ready:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    break
+                output += chunk
+    finally:
+        proc.kill()
+        proc.wait(5)
+    assert until in output, output.decode(errors="replace")
+    return output.decode(errors="replace")
