@@ -27,8 +27,9 @@ def demo_runtime(say: Callable[[str], None]) -> Runtime:
         runtime = image_runtime()
         say(f"sidecars run from the image {runtime.reference} (chroot into its root, uid 65532, read-only root)")
         return runtime
-    why = f"{SIDECAR_FROM_ENV}=venv" if os.environ.get(SIDECAR_FROM_ENV) == "venv" else "buildah is not installed"
-    say(f"sidecars run from the venv ({why}; apt-get install buildah to run them from the image)")
+    why = (f"{SIDECAR_FROM_ENV}=venv" if os.environ.get(SIDECAR_FROM_ENV) == "venv" else
+           "buildah is not installed: apt-get install buildah debootstrap to run them from the image")
+    say(f"sidecars run from the venv ({why})")
     return VenvRuntime()
 
 
