@@ -108,6 +108,9 @@ class ImageRuntime:
     tools: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if os.geteuid() != 0:
+            raise RuntimeError(f"running containers from the image needs root (a mount namespace, chroot): run as "
+                               f"root, or set {SIDECAR_FROM_ENV}=venv")
         for tool in ("unshare", "mount", "chroot", "sh"):
             found = shutil.which(tool)
             if found is None:

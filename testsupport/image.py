@@ -8,7 +8,8 @@ Docker Hub is out of reach here, so the Dockerfile's base (`ARG PYTHON_IMAGE`) i
 made by debootstrap and committed with `buildah from scratch`; a user with Docker keeps the Dockerfile's default.
 Everything lives in ~/.cache/meshtls/image (MESHTLS_IMAGE_CACHE), outside the repo, and the image is tagged by a
 hash of its inputs (Dockerfile, pyproject.toml, README.md, operator/, the base), so an unchanged tree is never
-rebuilt. A failure says what failed and how to fix it in one line, and leaves no half-built image tagged.
+rebuilt (the newest three are kept). A failure says what failed and how to fix it in one line, and leaves no
+half-built image tagged.
 """
 
 from __future__ import annotations
@@ -212,14 +213,23 @@ def ensure_image() -> Image:
         return Image(reference, built, True, seconds)
 
 
+KEEP_IMAGES = 3  # other worktrees on this machine may be running sidecars from a recent one
+
+
 def _prune(keep: str) -> None:
-    """Older source-hash images (and their unpacked roots): vfs stores every layer in full, so they add up."""
+    """Older source-hash images (and their unpacked roots) beyond the newest few: vfs stores every layer in full,
+    about 1 GB an image with its root."""
     listing = json.loads(buildah("images", "--json") or "[]")
-    for entry in listing:
-        for name in entry.get("names") or []:
-            if name.startswith(f"{IMAGE_NAME}:{SOURCE_TAG_PREFIX}") and name != keep:
-                _remove_root(entry["id"])
-                buildah("rmi", "--force", name, check=False)
+    ours = sorted((entry for entry in listing if any(
+        name.startswith(f"{IMAGE_NAME}:{SOURCE_TAG_PREFIX}") for name in entry.get("names") or [])),
+        key=lambda entry: int(entry.get("created") or 0), reverse=True)
+    kept = 0
+    for entry in ours:
+        if keep in (entry.get("names") or []) or kept < KEEP_IMAGES - 1:
+            kept += keep not in (entry.get("names") or [])
+            continue
+        _remove_root(entry["id"])
+        buildah("rmi", "--force", entry["id"], check=False)
 
 
 def image_size(reference: str) -> str:
