@@ -48,6 +48,7 @@ def test_image_env_reads_the_config_env() -> None:
 def test_the_venv_runtime_runs_the_venv_programs(tmp_path: Path) -> None:
     argv, env = VenvRuntime().launch(["meshtls-proxy", "--config", "/x.yaml"], {"/etc/meshtls": tmp_path})
     assert Path(argv[0]).name in ("meshtls-proxy", "python", "python3") and argv[-2:] == ["--config", "/x.yaml"]
+    assert env == dict(os.environ)  # the venv's process sees this machine's environment
     assert VenvRuntime().sees(tmp_path, "/etc/meshtls") == str(tmp_path)
     envoy, _ = VenvRuntime().launch(["envoy", "--version"], {})
     assert envoy[0].endswith("envoy/_bin/envoy")
