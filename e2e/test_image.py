@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from kubernetes import client
+from testsupport import image
 from testsupport.containers import ImageRuntime, image_runtime, sidecar_runtime
 from testsupport.image import IMAGE_USER, Image, ImageError, push
 from testsupport.kubelet import SidecarProcess, write_atomic_volume
@@ -137,6 +138,29 @@ def test_a_failed_debootstrap_says_what_and_tags_nothing(tmp_path: Path) -> None
                                  "--storage-driver", "vfs", "containers", "--quiet"], capture_output=True, text=True)
     assert images.stdout.strip() == "" and containers.stdout.strip() == ""
     assert not list((cache / "tmp").glob("*")), "the debootstrap root was left behind"
+
+
+def test_a_failed_dockerfile_build_says_where_its_log_is_and_tags_nothing(built_image: Image, tmp_path: Path) -> None:
+    """A tree whose Dockerfile fails at a RUN step, built in the real cache (on the real base)."""
+    repo = tmp_path / "repo"
+    (repo / "operator").mkdir(parents=True)
+    for name in ("pyproject.toml", "README.md", ".dockerignore"):
+        (repo / name).write_bytes((REPO / name).read_bytes())
+    (repo / "Dockerfile").write_text("ARG PYTHON_IMAGE=python:3.11-slim-bookworm\nFROM ${PYTHON_IMAGE}\n"
+                                     "RUN echo a broken step && false\n")
+
+    def state() -> tuple[str, str]:
+        return image.buildah("images", "--noheading"), image.buildah("containers", "--quiet")
+
+    before = state()
+    result = subprocess.run([sys.executable, "-c", "import sys, pathlib; from testsupport import image; "
+                             f"image.REPO = pathlib.Path({str(repo)!r}); sys.exit(image.main(['build']))"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 1, result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("make image: buildah bud of the Dockerfile failed") and "a broken step" in last, last
+    assert f"full log {image.CACHE / 'build.log'}" in last, last
+    assert state() == before  # nothing tagged, no build container left
 
 
 def test_a_registry_that_refuses_the_push_says_so(built_image: Image) -> None:
