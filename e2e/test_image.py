@@ -41,6 +41,7 @@ from meshtls.pki import generate_ca
 pytestmark = pytest.mark.e2e
 REPO = Path(__file__).resolve().parents[1]
 PQ_GROUP = "X25519MLKEM768"
+FS_GROUP = 2000
 
 
 def run_in_image(runtime: ImageRuntime, *command: str, mounts: dict[str, Path] | None = None,
@@ -208,7 +209,10 @@ def test_two_sidecars_from_the_image_negotiate_x25519mlkem768(mesh: Mesh, trust_
     mesh.identity(ns, "client", {"outbound": [{"listenPort": client_out, "address": f"127.0.0.1:{server_tls}",
                                                "peer": f"spiffe://{trust_domain}/ns/{ns}/sa/server"}]})
     mesh.echo_app(app)
-    server, client_ = mesh.pod(ns, "server"), mesh.pod(ns, "client")
+    # the server pod sets an fsGroup: its key is then 0440, group fsGroup, readable through the supplementary group
+    server, client_ = mesh.pod(ns, "server", {"fsGroup": FS_GROUP}), mesh.pod(ns, "client")
+    key = (server.host_path("/var/run/meshtls/identity") / "tls.key").resolve()
+    assert (key.stat().st_mode & 0o777, key.stat().st_gid) == (0o440, FS_GROUP)
     for _ in range(3):
         assert http_get(client_out) == (200, b"echo /hello")
 
@@ -219,6 +223,8 @@ def test_two_sidecars_from_the_image_negotiate_x25519mlkem768(mesh: Mesh, trust_
         assert os.path.realpath(f"/proc/{pid}/root") == os.path.realpath(runtime.root)
         status = Path(f"/proc/{pid}/status").read_text()
         assert next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1:] == ["65532"] * 4
+        groups = next(line for line in status.splitlines() if line.startswith("Groups:")).split()[1:]
+        assert sorted(groups) == sorted(["65532", str(FS_GROUP)] if sidecar is server else ["65532"]), groups
         mounts = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
         root_mount = next(line for line in mounts if line.split()[4] == "/")  # mount points seen from its root
         assert "ro" in root_mount.split()[5].split(","), root_mount
