@@ -288,21 +288,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     command = args[0] if args else "build"
     try:
+        if command not in ("build", "push", "root"):
+            raise ImageError(f"unknown command {command!r}: build, push REGISTRY, or root")
+        if command == "push" and (len(args) != 2 or not args[1]):
+            raise ImageError("usage: make image-push REGISTRY=host:port")
         img = ensure_image()
         if command == "build":
             print(f"{img.reference} ({img.id[:12]}, {image_size(img.reference)}, "
                   f"{'built' if img.built else 'cached'} in {img.seconds:.0f} s), also tagged {img.version_reference}")
         elif command == "push":
-            if len(args) != 2 or not args[1]:
-                raise ImageError("usage: make image-push REGISTRY=host:port")
             digest = push(img, args[1])
             print(f"pushed {args[1].rstrip('/')}/meshtls:{project_version()}@{digest}")
-        elif command == "root":
-            print(image_root(img))
         else:
-            raise ImageError(f"unknown command {command!r}: build, push REGISTRY, or root")
+            print(image_root(img))
     except ImageError as exc:
-        print(f"make image: {exc}", file=sys.stderr)
+        print(f"make {'image-push' if command == 'push' else 'image'}: {exc}", file=sys.stderr)
         return 1
     return 0
 
