@@ -9,6 +9,7 @@ sidecar from the image's root (testsupport.containers), unless MESHTLS_SIDECAR_F
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import select
 import subprocess
@@ -150,8 +151,9 @@ def test_a_failed_dockerfile_build_says_where_its_log_is_and_tags_nothing(built_
     (repo / "Dockerfile").write_text("ARG PYTHON_IMAGE=python:3.11-slim-bookworm\nFROM ${PYTHON_IMAGE}\n"
                                      "RUN echo a broken step && false\n")
 
-    def state() -> tuple[str, str]:
-        return image.buildah("images", "--noheading"), image.buildah("containers", "--quiet")
+    def state() -> tuple[list[tuple[str, list[str]]], str]:
+        images = json.loads(image.buildah("images", "--json"))
+        return sorted((i["id"], sorted(i["names"] or [])) for i in images), image.buildah("containers", "--quiet")
 
     before = state()
     result = subprocess.run([sys.executable, "-c", "import sys, pathlib; from testsupport import image; "

@@ -71,8 +71,10 @@ def test_the_source_hash_follows_what_the_build_reads(tmp_path: Path, monkeypatc
     monkeypatch.setattr(image, "REPO", repo)
     first = image.source_hash("base-1")
     (repo / "operator" / "meshtls" / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0")
+    (repo / "operator" / ".import_linter_cache").mkdir()
+    (repo / "operator" / ".import_linter_cache" / "meshtls.data.json").write_text("{}")
     (repo / "docs.md").write_text("not an input")
-    assert image.source_hash("base-1") == first  # bytecode and files outside the build's inputs do not count
+    assert image.source_hash("base-1") == first  # bytecode, tool caches, files outside the inputs
     assert image.source_hash("base-2") != first  # another base
     (repo / "operator" / "meshtls" / "a.py").write_text("a = 2\n")
     assert image.source_hash("base-1") != first  # the code

@@ -144,12 +144,14 @@ def ensure_base() -> str:
 # --- the image --------------------------------------------------------------------------------------------------
 
 def _input_files() -> list[Path]:
+    """The files .dockerignore lets into the build: not bytecode, egg-info, or hidden tool caches (import-linter
+    keeps one in operator/, rewritten by every `make lint`)."""
     files: list[Path] = []
     for name in INPUTS:
         path = REPO / name
         if path.is_dir():
-            files += [p for p in path.rglob("*") if p.is_file() and not any(s in part for part in p.parts
-                                                                             for s in SKIPPED_PARTS)]
+            files += [p for p in path.rglob("*") if p.is_file() and not any(
+                s in part or part.startswith(".") for part in p.relative_to(path).parts for s in SKIPPED_PARTS)]
         elif path.is_file():
             files.append(path)
     return sorted(files)
