@@ -8,7 +8,8 @@ BIN := $(VENV)/bin
 BINDIR ?= /usr/local/bin
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv install-cli test test-unit lint test-e2e cluster-up cluster-down cluster-build demo bench bench-pki clean
+.PHONY: venv install-cli test test-unit lint test-e2e cluster-up cluster-down cluster-build demo bench bench-pki clean \
+        image image-push
 
 venv: $(VENV)/.installed
 
@@ -36,8 +37,18 @@ lint: venv
 	$(BIN)/mypy
 	cd operator && ../$(BIN)/lint-imports ../.importlinter
 
-test-e2e: venv cluster-build
+# The e2e kubelet runs the injected sidecars from the image (MESHTLS_SIDECAR_FROM=venv: from the venv instead).
+test-e2e: venv cluster-build $(if $(filter venv,$(MESHTLS_SIDECAR_FROM)),,image)
 	$(PY) -m pytest -q -p no:cacheprovider e2e
+
+# The image from the Dockerfile with buildah (no Docker needed), on a Debian trixie base made with debootstrap;
+# cached in ~/.cache/meshtls/image by a hash of its inputs. With Docker: `docker build -t meshtls:0.1.0 .`
+image: venv
+	$(PY) -m testsupport.image build
+
+# `make image-push REGISTRY=host:port` pushes it as REGISTRY/meshtls:<version> (loopback: no TLS verification).
+image-push: venv
+	$(PY) -m testsupport.image push "$(REGISTRY)"
 
 cluster-build: venv
 	$(PY) -m e2e.harness build

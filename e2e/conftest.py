@@ -10,17 +10,38 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from testsupport.containers import SIDECAR_FROM_ENV, image_runtime
 
 from e2e.harness import BuildError, Cluster, ComponentError, HarnessError, build_all
 from e2e.kube_helpers import Kube, is_ready, wait_for
 from e2e.operator_process import OperatorProcess, free_port
 
+if TYPE_CHECKING:
+    from testsupport.image import Image
+
+    from e2e.registry import LoopbackRegistry
+
 _FAILURES = (HarnessError, BuildError, ComponentError)
+
+
+@dataclass(frozen=True)
+class PushedImage:
+    repository: str  # 127.0.0.1:PORT/meshtls
+    tag: str
+    digest: str  # sha256:... of the pushed manifest
+
+    @property
+    def reference(self) -> str:
+        return f"{self.repository}:{self.tag}"
+
+
 _build_error: str | None = None
 
 
@@ -39,6 +60,12 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         build_all(log)
     except BuildError as e:
         _build_error = str(e)
+    if os.environ.get(SIDECAR_FROM_ENV, "image") == "image":
+        log("the sidecars' image: the cached one, or built now (make image; MESHTLS_SIDECAR_FROM=venv skips it)")
+        try:
+            image_runtime()
+        except RuntimeError as e:  # said again, failing them, by the tests that run a sidecar
+            log(f"the sidecars' image is not available: {e}")
 
 
 @pytest.fixture(scope="session")
@@ -133,3 +160,39 @@ def openssl() -> str:
     from testsupport.tools import require_openssl
 
     return require_openssl()
+
+
+@pytest.fixture(scope="session")
+def built_image() -> Image:
+    """The meshtls image for this tree (testsupport.image: built with buildah, or the cached one)."""
+    from testsupport.image import ImageError, ensure_image
+
+    try:
+        return ensure_image()
+    except ImageError as exc:
+        pytest.fail(f"the meshtls image is needed: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def registry() -> Iterator[LoopbackRegistry]:
+    """A real registry on loopback (Debian's docker-registry), empty at the start of the session."""
+    from e2e.registry import LoopbackRegistry, RegistryError
+
+    try:
+        reg = LoopbackRegistry().start()
+    except RegistryError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    yield reg
+    reg.stop()
+
+
+@pytest.fixture(scope="session")
+def pushed_image(built_image: Image, registry: LoopbackRegistry) -> PushedImage:
+    """The image pushed to the loopback registry (`make image-push REGISTRY=...` does the same)."""
+    from testsupport.image import ImageError, push
+
+    try:
+        digest = push(built_image, registry.address)
+    except ImageError as exc:
+        pytest.fail(str(exc), pytrace=False)
+    return PushedImage(f"{registry.address}/meshtls", built_image.version_reference.rsplit(":", 1)[1], digest)

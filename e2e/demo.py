@@ -17,7 +17,6 @@ import socket
 import ssl
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,10 @@ from rich.table import Table
 from rich.text import Text
 from testsupport.envoy import EnvoyContainer, EnvoyProcess
 
+from e2e.demo_sidecars import DemoSidecars, demo_runtime
 from e2e.harness import Cluster
-from e2e.mesh import EchoHandler, EchoServer, http_get
+from e2e.mesh import http_get
 from e2e.operator_process import OperatorProcess, free_port
-from e2e.podrunner import PodSidecar
 from meshtls.dataplane.config import OutboundRoute, SidecarConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,6 +85,7 @@ def main() -> int:
     step("starting the local Kubernetes control plane (first run builds it from source: several minutes)")
     cluster = Cluster.start(cleanup_on_exit=True, log=lambda m: console.print(f"    {m}", style="dim"))
     operator: OperatorProcess | None = None
+    sidecars: DemoSidecars | None = None
     logs = Path(tempfile.mkdtemp(prefix="meshtls-demo-"))
     interrupted = False
 
@@ -114,7 +114,14 @@ def main() -> int:
         api = config.new_client_from_config(config_file=str(cluster.kubeconfig))
         custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
         show_injection(core)
-        envoy_demo(api, core, logs)
+        sidecars = DemoSidecars(api, NAMESPACE, logs / "pods", demo_runtime(lambda m: step(m)))
+        step("running the example pods' injected sidecars for real, as the kubelet would (backend: Envoy, "
+             "frontend: meshtls-proxy)")
+        sidecars.start(["backend", "frontend"], app_port=8080)
+        response, groups = sidecars.call("frontend", "backend", 8443)
+        console.print(f"    frontend's certificate → backend's sidecar :8443 → app: {response!r}; "
+                      f"key exchange {groups}", style="dim")
+        envoy_demo(sidecars, core, logs)
         step(f"watching certificates being issued and rotated (ends after {ROTATIONS_TO_SHOW} rotations each, "
              "or Ctrl-C)")
         events: list[str] = []
@@ -133,6 +140,8 @@ def main() -> int:
         interrupted = True
         console.print("\n[yellow]interrupted: cleaning up[/]")
     finally:
+        if sidecars is not None:
+            sidecars.stop()
         if operator is not None:
             operator.stop()
         if cluster.owned:
@@ -169,22 +178,15 @@ def negotiated_groups(metrics: str, family: str) -> dict[str, float]:
     return out
 
 
-def envoy_demo(api: client.ApiClient, core: client.CoreV1Api, workdir: Path) -> None:
-    """The backend pod's Envoy, run for real from what meshtls injected and rendered; frontend's certificate calls
-    it twice: as meshtls-proxy would (this Python's ssl) and through an Envoy client. The groups come from the
+def envoy_demo(sidecars: DemoSidecars, core: client.CoreV1Api, workdir: Path) -> None:
+    """The backend pod's Envoy (already running from what meshtls injected and rendered): frontend's certificate
+    calls it twice, as meshtls-proxy would (this Python's ssl) and through an Envoy client. The groups come from the
     backend Envoy's own stats."""
-    step("running the backend pod's injected Envoy (meshtls-envoy) for real, as the kubelet would")
-    try:
-        sidecar = PodSidecar(api, core.read_namespaced_pod("backend", NAMESPACE), workdir / "pods")
-        app = EchoServer(("127.0.0.1", 8080), EchoHandler)  # the backend app's port in examples/
-    except Exception as exc:
-        console.print(f"    [red]could not run the backend's Envoy here: {exc}[/]")
-        return
-    threading.Thread(target=app.serve_forever, daemon=True).start()
     client_envoy: EnvoyProcess | None = None
     try:
-        envoy = sidecar.start()
-        assert isinstance(envoy, EnvoyContainer)
+        sidecar = sidecars.sidecars["backend"]
+        envoy = sidecar.process
+        assert isinstance(envoy, EnvoyContainer), "the backend example runs on Envoy (examples/20-identities.yaml)"
         console.print(f"    {envoy.ready().stdout.strip()} (its readiness probe: meshtls-envoy ready)", style="dim")
         frontend = core.read_namespaced_secret("frontend-mtls", NAMESPACE).data
         identity = workdir / "frontend-identity"
@@ -201,7 +203,7 @@ def envoy_demo(api: client.ApiClient, core: client.CoreV1Api, workdir: Path) -> 
             reply = conn.recv(4096).split(b"\r\n")[0].decode()
         after = negotiated_groups(envoy.metrics(), "envoy_listener_ssl_curves")
         groups = sorted(g for g, v in after.items() if v > before.get(g, 0))
-        console.print(f"    frontend's certificate over {ssl.OPENSSL_VERSION} (as meshtls-proxy here): {reply}; "
+        console.print(f"    frontend's certificate over {ssl.OPENSSL_VERSION} (the demo's own Python): {reply}; "
                       f"backend's Envoy negotiated [bold]{', '.join(groups)}[/]")
         port, admin = free_port(), free_port()
         client_envoy = EnvoyProcess(SidecarConfig(
@@ -222,8 +224,6 @@ def envoy_demo(api: client.ApiClient, core: client.CoreV1Api, workdir: Path) -> 
     finally:
         if client_envoy is not None:
             client_envoy.stop()
-        sidecar.stop()
-        app.shutdown()
 
 
 def collect_events(core: client.CoreV1Api, seen: set[str], out: list[str]) -> None:

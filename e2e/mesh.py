@@ -92,13 +92,14 @@ class Mesh:
             metadata=client.V1ObjectMeta(name=name)))
         self.kube.create_identity(namespace, name, {"serviceAccountName": name, **spec})
 
-    def pod(self, namespace: str, name: str) -> PodSidecar:
+    def pod(self, namespace: str, name: str, security_context: dict[str, Any] | None = None) -> PodSidecar:
         """A pod running as ServiceAccount `name`, injected by the webhook, its sidecar run for real."""
         wait_for(f"{namespace}/{name} Ready", lambda: is_ready(self.kube.identity(namespace, name)), 20)
         wait_for(f"{name}'s sidecar config", lambda: self.kube.configmap_data(namespace, f"{name}-meshtls-proxy"), 10)
         self.core.create_namespaced_pod(namespace, {
             "apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "labels": {"app": name}},
-            "spec": {"serviceAccountName": name, "containers": [{"name": "app", "image": "example/app"}]}})
+            "spec": {"serviceAccountName": name, "containers": [{"name": "app", "image": "example/app"}],
+                     **({"securityContext": security_context} if security_context else {})}})
         sidecar = PodSidecar(self.api, self.core.read_namespaced_pod(name, namespace), self.workdir / namespace)
         self.sidecars[f"{namespace}/{name}"] = sidecar
         sidecar.start()

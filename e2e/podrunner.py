@@ -3,13 +3,16 @@
 For a pod admitted by the real API server, this reads the `meshtls-proxy` container the webhook injected, resolves
 its volume mounts to the Secret and ConfigMaps they name, writes them into directories the way the kubelet does
 (atomic `..data` swap, re-synced from the API every `sync_interval` seconds as the kubelet re-syncs), and runs the
-container's command as a real process. Paths inside the container map to those directories; each pod's admin
-port maps to a free loopback port, since all "pods" share this machine's network.
+container's command as a real process: from the built image by default (chroot into its root with the container's
+uid and the volumes bound onto their mount paths, testsupport.containers), or from the venv with
+MESHTLS_SIDECAR_FROM=venv (paths inside the container then map to those directories). Each pod's admin port maps to
+a free loopback port, since all "pods" share this machine's network.
 """
 
 from __future__ import annotations
 
 import base64
+import os
 import shutil
 import tempfile
 import threading
@@ -19,8 +22,9 @@ from typing import Any
 import yaml
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from testsupport.containers import Runtime, User, sidecar_runtime
 from testsupport.envoy import EnvoyContainer
-from testsupport.kubelet import SidecarProcess, write_atomic_volume
+from testsupport.kubelet import DATA_DIR, SidecarProcess, write_atomic_volume
 
 from e2e.operator_process import free_port
 
@@ -29,7 +33,8 @@ ENVOY_SIDECAR = "meshtls-envoy"  # the Envoy data plane's container (run by test
 
 
 class PodSidecar:
-    def __init__(self, api: client.ApiClient, pod: Any, workdir: Path, sync_interval: float = 0.25) -> None:
+    def __init__(self, api: client.ApiClient, pod: Any, workdir: Path, sync_interval: float = 0.25,
+                 runtime: Runtime | None = None) -> None:
         self.core = client.CoreV1Api(api)
         self.pod = pod
         self.namespace = pod.metadata.namespace
@@ -44,19 +49,29 @@ class PodSidecar:
         self.mounts: dict[str, tuple[str, str, Path]] = {}  # container path -> (kind, object name, host dir)
         # an emptyDir (the Workload API's socket) lives under a short path: a Unix socket's path is at most 107 bytes
         self._scratch = Path(tempfile.mkdtemp(prefix="meshtls-pod-"))
+        self.modes: dict[Path, int] = {}  # host dir -> the volume's defaultMode, as the kubelet applies it
         for mount in self.container.volume_mounts or []:
             volume = volumes[mount.name]
             if volume.secret is not None:
-                source = ("secret", volume.secret.secret_name)
+                source, mode = ("secret", volume.secret.secret_name), volume.secret.default_mode
             elif volume.config_map is not None:
-                source = ("configmap", volume.config_map.name)
+                source, mode = ("configmap", volume.config_map.name), volume.config_map.default_mode
             elif volume.empty_dir is not None:
-                self.mounts[mount.mount_path] = ("emptydir", mount.name, self._scratch / mount.name)
-                (self._scratch / mount.name).mkdir()
+                host = self._scratch / mount.name
+                host.mkdir()
+                host.chmod(0o777)  # as the kubelet makes an emptyDir: writable by the container's uid
+                self.mounts[mount.mount_path] = ("emptydir", mount.name, host)
                 continue
             else:
                 continue
             self.mounts[mount.mount_path] = (*source, self.dir / mount.name)
+            self.modes[self.dir / mount.name] = mode if mode is not None else 0o644
+        security = self.container.security_context
+        pod_security = pod.spec.security_context
+        fs_group = pod_security.fs_group if pod_security is not None else None
+        self.user = User(uid=(security and security.run_as_user) or 0, gid=(security and security.run_as_group) or 0,
+                         groups=(fs_group,) if fs_group is not None else ())
+        self.runtime = runtime or sidecar_runtime()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sync_loop, daemon=True, name=f"kubelet-{pod.metadata.name}")
         self.process: SidecarProcess | EnvoyContainer | None = None
@@ -79,7 +94,10 @@ class PodSidecar:
             if kind == "emptydir":
                 continue
             data = self._read(kind, name)
-            if data is not None and write_atomic_volume(host_dir, data):
+            if data is not None and write_atomic_volume(host_dir, data, self.modes[host_dir]):
+                if self.user.groups:  # the kubelet's fsGroup ownership: group-readable keys for the sidecar
+                    for path in (host_dir / DATA_DIR).resolve().rglob("*"):
+                        os.chown(path, 0, self.user.groups[0])
                 self.syncs += 1
 
     def _sync_loop(self) -> None:
@@ -101,6 +119,16 @@ class PodSidecar:
                 return scheme + str(host_dir) + path[len(mount_path):]
         return value
 
+    def seen(self, value: str) -> str:
+        """A container path (or a unix:// URI of one) as the sidecar's process sees it: the host's path (venv), or the
+        container's own with the directory bound there (image)."""
+        scheme = "unix://" if value.startswith("unix://") else ""
+        path = value[len(scheme):]
+        for mount_path, (_, _, host_dir) in sorted(self.mounts.items(), key=lambda m: -len(m[0])):
+            if path == mount_path or path.startswith(mount_path + "/"):
+                return scheme + self.runtime.sees(host_dir, mount_path) + path[len(mount_path):]
+        return value
+
     def app_env(self, container: str = "app") -> dict[str, str]:
         """The env the webhook gave an app container, its paths translated (SPIFFE_ENDPOINT_SOCKET, ...)."""
         (app,) = [c for c in self.pod.spec.containers if c.name == container]
@@ -111,7 +139,7 @@ class PodSidecar:
         if self.container.name == ENVOY_SIDECAR:
             container = client.ApiClient().sanitize_for_serialization(self.container)
             self.process = EnvoyContainer(container, {path: host for path, (_, _, host) in self.mounts.items()},
-                                          self.dir, free_port()).start()
+                                          self.dir, free_port(), self.runtime, self.user).start()
             self._thread.start()
             return self.process
         config_arg = self.container.command[self.container.command.index("--config") + 1]
@@ -120,13 +148,19 @@ class PodSidecar:
         config["admin"] = {"address": "127.0.0.1", "port": free_port()}
         command = list(self.container.command)
         rest = command[command.index("--config") + 2:]  # e.g. --workload-api-socket <path in the container>
+        for _, _, host_dir in self.mounts.values():  # a mount waits for its Secret; its directory exists already
+            host_dir.mkdir(parents=True, exist_ok=True)
         self.process = SidecarProcess(
             config,
             identity_dir=self.host_path(config["identityDir"]),
             bundle_dir=self.host_path(config["bundleDir"]),
             config_dir=self.dir / "rendered-config",
             log_file=self.dir / "sidecar.log",
-            extra_args=tuple(self.translate(arg) for arg in rest),
+            extra_args=tuple(self.seen(arg) for arg in rest),
+            runtime=self.runtime,
+            user=self.user,
+            mount_paths=(config["identityDir"], config["bundleDir"], config_dir),
+            extra_mounts={path: host for path, (kind, _, host) in self.mounts.items() if kind == "emptydir"},
         )
         self.process.start()
         self._thread.start()

@@ -19,7 +19,9 @@ from typing import Any
 import pytest
 import yaml
 
+from e2e.conftest import PushedImage
 from e2e.harness import Cluster
+from e2e.registry import skopeo_inspect
 
 pytestmark = pytest.mark.e2e
 
@@ -235,8 +237,9 @@ def test_rendered_manifests_pass_server_side_dry_run(cluster: Cluster, namespace
 
 
 def test_install_creates_every_object_and_uninstall_removes_them(
-    cluster: Cluster, namespace: str, tmp_path: Path,
+    cluster: Cluster, namespace: str, tmp_path: Path, pushed_image: PushedImage,
 ) -> None:
+    """Installed from the image `make image` built and the session pushed to a loopback registry."""
     ensure_chart_crds(cluster)
     release_ns = unique("e2e-chart")
     trust_domain = f"{unique('chart')}.test"
@@ -246,6 +249,7 @@ def test_install_creates_every_object_and_uninstall_removes_them(
         "trustDomain": {"name": trust_domain, "spec": {"certificates": {"defaultTTL": "30m"}}},
         "metrics": {"serviceMonitor": {"enabled": True}},
         "prometheusRule": {"enabled": True},
+        "image": {"repository": pushed_image.repository, "tag": pushed_image.tag},
     }))
     try:
         with injector_slot(cluster):
@@ -273,6 +277,14 @@ def test_install_creates_every_object_and_uninstall_removes_them(
                 assert "--priority=$(MESHTLS_PRIORITY)" in container["args"]
                 assert f"--namespace={namespace}" in container["args"]
                 assert container["securityContext"]["readOnlyRootFilesystem"] is True
+                assert container["image"] == pushed_image.reference
+                assert f"--sidecar-image={pushed_image.reference}" in container["args"]
+            # the reference the chart rendered resolves, for an independent client, to the manifest pushed, whose
+            # config runs as 65532 with the image's programs first on PATH (`meshtls operator`, `meshtls-proxy`)
+            assert skopeo_inspect(pushed_image.reference)["Digest"] == pushed_image.digest
+            image_config = skopeo_inspect(pushed_image.reference, config=True)["config"]
+            assert image_config["User"] == "65532:65532"
+            assert "PATH=/opt/meshtls/bin:" in " ".join(image_config["Env"])
             print(f"helm install --wait took {took:.1f} s for {len(objects)} objects")
 
             start = time.monotonic()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +27,7 @@ from meshtls.dataplane.envoy import (
 )
 from meshtls.dataplane.layout import CONFIG_DIR
 from meshtls.proxy.envoy_bin import envoy_binary
+from testsupport.containers import Runtime, User, VenvRuntime
 from testsupport.kubelet import write_atomic_volume
 
 
@@ -121,38 +121,42 @@ class EnvoyContainer:
     the container's own command, its exec readiness probe as the readiness check, its preStop hook on demand."""
 
     def __init__(self, container: Mapping[str, Any], mounts: Mapping[str, Path], workdir: Path,
-                 admin_port: int) -> None:
+                 admin_port: int, runtime: Runtime | None = None, user: User = User()) -> None:
         self.container = container
         self.workdir = Path(workdir)
         self.config_dir = self.workdir / "rendered-config"
         self.log_file = self.workdir / "sidecar.log"
         self.admin_port = admin_port
+        self.runtime = runtime or VenvRuntime()
+        self.user = user
         # container path -> host path; the config volume's files are rewritten into config_dir
         self.paths = {path: (self.config_dir if path == CONFIG_DIR else Path(host)) for path, host in mounts.items()}
+        # container path -> the path the process sees: the host's (venv), or the container's with the dir bound there
+        self.seen = {path: self.runtime.sees(host, path) for path, host in self.paths.items()}
         self.source_config = Path(mounts[CONFIG_DIR])
         self.process: subprocess.Popen[bytes] | None = None
 
     def _host(self, arg: str) -> str:
-        for path, host in sorted(self.paths.items(), key=lambda item: -len(item[0])):
+        for path, seen in sorted(self.seen.items(), key=lambda item: -len(item[0])):
             if arg == path or arg.startswith(path + "/"):
-                return str(host) + arg[len(path):]
+                return seen + arg[len(path):]
         return arg
 
-    def _command(self, command: list[str]) -> list[str]:
-        """The container's command on this machine: the launcher from this venv, paths moved, the admin port
-        moved (`--admin-port` of the probe and the hook)."""
+    def _command(self, command: list[str]) -> tuple[list[str], dict[str, str]]:
+        """The container's command on this machine, through the runtime (the launcher from this venv, or from the
+        image), paths moved, the admin port moved (`--admin-port` of the probe and the hook)."""
         assert command[0] == ENVOY_LAUNCHER, command
-        out = [str(Path(sys.executable).parent / ENVOY_LAUNCHER)]
+        out = [ENVOY_LAUNCHER]
         for i, arg in enumerate(command[1:], 1):
             out.append(str(self.admin_port) if command[i - 1] == "--admin-port" else self._host(arg))
-        return out
+        return self.runtime.launch(out, self.paths, self.user)
 
     def write_config(self) -> None:
         files: dict[str, bytes] = {}
         for name in ENVOY_FILES:
             text = (self.source_config / name).read_text()
-            for path, host in sorted(self.paths.items(), key=lambda item: -len(item[0])):
-                text = text.replace(f"{path}/", f"{host}/").replace(f"path: {path}\n", f"path: {host}\n")
+            for path, seen in sorted(self.seen.items(), key=lambda item: -len(item[0])):
+                text = text.replace(f"{path}/", f"{seen}/").replace(f"path: {path}\n", f"path: {seen}\n")
             files[name] = text.encode()
         bootstrap = yaml.safe_load(files[ENVOY_CONFIG_FILE])
         bootstrap["admin"]["address"]["socket_address"]["port_value"] = self.admin_port
@@ -166,16 +170,17 @@ class EnvoyContainer:
     def start(self, timeout: float = 30.0) -> EnvoyContainer:
         self.write_config()
         self.workdir.mkdir(parents=True, exist_ok=True)
+        argv, env = self._command(list(self.container["command"]))
         with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(self._command(list(self.container["command"])), stdout=log,
-                                            stderr=subprocess.STDOUT, start_new_session=True)
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
         self.wait_ready(timeout)
         return self
 
     def ready(self) -> subprocess.CompletedProcess[str]:
         """The container's readiness probe, run as the kubelet runs an exec probe."""
-        probe = self.container["readinessProbe"]["exec"]["command"]
-        return subprocess.run(self._command(list(probe)), capture_output=True, text=True, timeout=10)
+        argv, env = self._command(list(self.container["readinessProbe"]["exec"]["command"]))
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=10)
 
     def wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -190,8 +195,8 @@ class EnvoyContainer:
         raise AssertionError(f"Envoy not ready within {timeout} s ({result and result.stderr}):\n{self.log()}")
 
     def pre_stop(self) -> subprocess.CompletedProcess[str]:
-        hook = self.container["lifecycle"]["preStop"]["exec"]["command"]
-        return subprocess.run(self._command(list(hook)), capture_output=True, text=True, timeout=60)
+        argv, env = self._command(list(self.container["lifecycle"]["preStop"]["exec"]["command"]))
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)
 
     def get(self, path: str, timeout: float = 2.0) -> tuple[int, bytes]:
         try:

@@ -8,7 +8,8 @@
     dir/tls.crt -> ..data/tls.crt                     user-visible symlinks, created once
                                                       then the previous timestamped directory is removed
 
-`SidecarProcess` runs `meshtls-proxy --config ...` as a real subprocess with its config written the same way.
+`SidecarProcess` runs `meshtls-proxy --config ...` as a real subprocess with its config written the same way,
+from the venv or from the built image (testsupport.containers: the one place a container becomes a process).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -30,9 +30,10 @@ from typing import Any
 
 import yaml
 
-from meshtls.dataplane.layout import CONFIG_FILE
+from meshtls.dataplane.layout import BUNDLE_DIR, CONFIG_DIR, CONFIG_FILE, IDENTITY_DIR
 from meshtls.dataplane.layout import DATA_LINK as DATA_DIR
 from meshtls.proxy.main import BIND_ENV
+from testsupport.containers import Runtime, User, VenvRuntime, venv_program
 
 DATA_DIR_TMP = "..data_tmp"
 
@@ -134,10 +135,7 @@ def bundle_files(ca_pem: bytes, crl_pem: bytes | None = None) -> dict[str, bytes
 
 def proxy_command() -> list[str]:
     """`meshtls-proxy` from the running interpreter's environment (falls back to `python -m`)."""
-    script = Path(sys.executable).parent / "meshtls-proxy"
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-m", "meshtls.proxy"]
+    return venv_program("meshtls-proxy")
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -151,13 +149,24 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
 class SidecarProcess:
     """One `meshtls-proxy` as a real process, with its config in a kubelet-style ConfigMap volume.
 
-    config: the proxy.yaml mapping (SidecarConfig.to_dict() shape); identityDir/bundleDir are set from the paths.
+    config: the proxy.yaml mapping (SidecarConfig.to_dict() shape); identityDir/bundleDir are set to the paths the
+    process sees: the host directories (venv), or their mount paths with the directories bound there (image).
     """
 
     def __init__(self, config: Mapping[str, Any], identity_dir: Path, bundle_dir: Path, config_dir: Path,
                  log_file: Path | None = None, bind_address: str = "127.0.0.1",
-                 extra_args: tuple[str, ...] = (), env: Mapping[str, str] | None = None) -> None:
-        self.config = dict(config) | {"identityDir": str(identity_dir), "bundleDir": str(bundle_dir)}
+                 extra_args: tuple[str, ...] = (), env: Mapping[str, str] | None = None,
+                 runtime: Runtime | None = None, user: User = User(),
+                 mount_paths: tuple[str, str, str] = (IDENTITY_DIR, BUNDLE_DIR, CONFIG_DIR),
+                 extra_mounts: Mapping[str, Path] | None = None) -> None:
+        self.runtime = runtime or VenvRuntime()
+        self.user = user
+        # container path -> host directory
+        self.mounts = dict(zip(mount_paths, (Path(identity_dir), Path(bundle_dir), Path(config_dir)), strict=True))
+        self.extra_mounts = dict(extra_mounts or {})  # writable ones, e.g. the Workload API socket's emptyDir
+        self.config = dict(config) | {"identityDir": self.runtime.sees(Path(identity_dir), mount_paths[0]),
+                                      "bundleDir": self.runtime.sees(Path(bundle_dir), mount_paths[1])}
+        self._config_seen = self.runtime.sees(Path(config_dir), mount_paths[2])
         self.identity_dir = Path(identity_dir)
         self.bundle_dir = Path(bundle_dir)
         self.config_dir = Path(config_dir)
@@ -169,7 +178,13 @@ class SidecarProcess:
 
     @property
     def config_path(self) -> Path:
+        """On the host."""
         return self.config_dir / CONFIG_FILE
+
+    @property
+    def command(self) -> list[str]:
+        """The container's command, with the config path the process sees."""
+        return ["meshtls-proxy", "--config", f"{self._config_seen}/{CONFIG_FILE}", *self.extra_args]
 
     @property
     def admin_url(self) -> str:
@@ -181,13 +196,13 @@ class SidecarProcess:
 
     def start(self, wait: bool = True, timeout: float = 15.0) -> SidecarProcess:
         self.write_config()
-        env = dict(os.environ) | {BIND_ENV: self.bind_address, "PYTHONUNBUFFERED": "1"} | self.env
+        argv, env = self.runtime.launch(self.command, self.mounts | self.extra_mounts, self.user,
+                                        writable=tuple(self.extra_mounts))
+        env = env | {BIND_ENV: self.bind_address, "PYTHONUNBUFFERED": "1"} | self.env
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_file, "ab") as log:
-            self.process = subprocess.Popen(
-                [*proxy_command(), "--config", str(self.config_path), *self.extra_args],
-                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-            )
+            self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                            start_new_session=True)
         if wait:
             self.wait_healthy(timeout)
         return self

@@ -24,6 +24,8 @@ class Stats:
 
     handshakes: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))  # (direction, result)
     resumed: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # direction
+    # (direction, key-exchange group as OpenSSL names it: X25519MLKEM768, x25519, ..., unknown)
+    groups: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))
     rejections: dict[tuple[str, str], int] = field(default_factory=lambda: defaultdict(int))  # (direction, reason)
     connections: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # direction
     active: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # direction
@@ -87,6 +89,9 @@ def render_metrics(stats: Stats, gauges: Gauges) -> bytes:
              [({"direction": d, "result": r}, v) for (d, r), v in sorted(stats.handshakes.items())], "_total")
     w.family("resumed_handshakes", "counter", "Successful handshakes that resumed a TLS session.",
              [({"direction": d}, stats.resumed[d]) for d in DIRECTIONS], "_total")
+    w.family("tls_groups", "counter", "Successful handshakes by direction and the key-exchange group negotiated "
+             "(X25519MLKEM768: hybrid post-quantum; x25519 or secp256r1: the classical fallback).",
+             [({"direction": d, "group": g}, v) for (d, g), v in sorted(stats.groups.items())], "_total")
     w.family("rejections", "counter", "Connections refused, by direction and reason.",
              [({"direction": d, "reason": r}, v) for (d, r), v in sorted(stats.rejections.items())], "_total")
     w.family("connections", "counter", "Connections accepted by the sidecar's listeners.",

@@ -11,6 +11,7 @@ from meshtls.dataplane.config import InboundRoute, OutboundRoute
 from meshtls.proxy.errors import NoIdentity, classify_tls_error, error_text, log_value
 from meshtls.proxy.reloader import TLSContexts
 from meshtls.proxy.splice import Plain, Tls
+from meshtls.proxy.tls_group import negotiated_group
 
 if TYPE_CHECKING:
     from meshtls.proxy.server import Proxy
@@ -39,6 +40,8 @@ class InboundTls(Tls):
             proxy.reject(self.direction, reason, route.port, self.peername, None, detail, quiet=quiet)
             self.close()
             return
+        if self.sslobj is not None:
+            proxy.stats.groups[(self.direction, negotiated_group(self.sslobj))] += 1
         info = self.peer_info()
         refusal = proxy.authorize(info, route.allow)
         if refusal is not None:
@@ -126,6 +129,8 @@ class OutboundPlain(Plain):
             tls.close()
             self.abort()
             return
+        if tls.sslobj is not None:
+            proxy.stats.groups[("outbound", negotiated_group(tls.sslobj))] += 1
         info = tls.peer_info()
         why = proxy.authorize(info, (route.peer,))
         if why is not None:
