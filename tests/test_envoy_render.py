@@ -409,3 +409,14 @@ def test_missing_envoy_names_the_package(monkeypatch: pytest.MonkeyPatch, tmp_pa
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: Spec())
     with pytest.raises(EnvoyMissing, match="holds no executable envoy/_bin/envoy"):
         envoy_binary()
+
+
+@pytest.mark.parametrize("host", ["n", "N", "y", "Y", "no", "off", "On", "true", "FALSE", "null", "NULL"])
+def test_hosts_that_yaml_cpp_reads_as_scalars_reach_envoy_as_strings(host: str, tmp_path: Path) -> None:
+    """A Service named `n` (or `yes`, `off`, ...) must not become `address: false` in Envoy's YAML 1.1 parser."""
+    config = SidecarConfig(spiffe_id="spiffe://demo.meshtls.local/ns/shop/sa/frontend",
+                           outbound=(OutboundRoute(15001, f"{host}:443", "spiffe://demo.meshtls.local/ns/shop/sa/x"),))
+    files = render_envoy_files(config)
+    assert f"address: '{host}'" in files["envoy.yaml"]
+    assert yaml.safe_load(files["envoy.yaml"])["static_resources"]["clusters"][0]["load_assignment"]["endpoints"][0][
+        "lb_endpoints"][0]["endpoint"]["address"]["socket_address"]["address"] == host

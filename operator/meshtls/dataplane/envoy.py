@@ -299,8 +299,27 @@ def envoy_drain_command(admin_port: int, seconds: int = DRAIN_SECONDS) -> list[s
     return [ENVOY_LAUNCHER, "drain", "--admin-port", str(admin_port), "--seconds", str(seconds)]
 
 
+# Envoy parses YAML with yaml-cpp, whose YAML 1.1 booleans include y/n, which PyYAML leaves unquoted: a Service
+# named `n` would reach Envoy as `address: false`. Every string yaml-cpp could read as a bool or null is quoted.
+_YAML_CPP_SCALARS = re.compile(r"^(y|Y|n|N|yes|Yes|YES|no|No|NO|true|True|TRUE|false|False|FALSE|on|On|ON|off|Off|OFF"
+                               r"|~|null|Null|NULL)$")
+
+
+class _EnvoyDumper(yaml.SafeDumper):
+    pass
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
+    if _YAML_CPP_SCALARS.match(value):
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="'")
+    return dumper.represent_str(value)
+
+
+_EnvoyDumper.add_representer(str, _represent_str)
+
+
 def _dump(document: dict[str, Any]) -> str:
-    return yaml.safe_dump(document, sort_keys=False, width=120)
+    return yaml.dump(document, Dumper=_EnvoyDumper, sort_keys=False, width=120)
 
 
 def render_envoy_files(config: SidecarConfig, config_dir: str = CONFIG_DIR) -> dict[str, str]:
