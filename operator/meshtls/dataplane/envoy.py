@@ -50,8 +50,8 @@ CONNECT_TIMEOUT = "10s"  # as meshtls-proxy's CONNECT_TIMEOUT
 # at every start; meshtls-proxy is bounded only by the process's file limit.
 MAX_DOWNSTREAM_CONNECTIONS = 16384
 # Per-connection read/write buffer cap on every listener and cluster. Envoy's default (1 MiB) let a sidecar hold 23 MB
-# of anonymous memory after the data-plane bench's load, over the 20 MB goal; 32 KiB held 15 MB with no loss of
-# throughput or handshakes (docs/benchmarks.md section 4). Backpressure, not a size limit: larger streams still flow.
+# of anonymous memory after the data-plane bench's load, over the 20 MB goal; 32 KiB held 15 MB for up to a tenth
+# more CPU per GiB (docs/benchmarks.md section 4). Backpressure, not a size limit: larger streams still flow.
 PER_CONNECTION_BUFFER_LIMIT_BYTES = 32 * 1024
 ANY_SPIFFE_ID = "spiffe://"  # `*` allows any peer with a SPIFFE ID the bundle vouches for, as meshtls-proxy does
 
