@@ -272,6 +272,7 @@ def test_install_creates_every_object_and_uninstall_removes_them(
                 assert container["command"] == ["meshtls", "operator"]
                 assert "--priority=$(MESHTLS_PRIORITY)" in container["args"]
                 assert f"--namespace={namespace}" in container["args"]
+                assert "--default-data-plane=envoy" in container["args"]  # the chart's default data plane
                 assert container["securityContext"]["readOnlyRootFilesystem"] is True
             print(f"helm install --wait took {took:.1f} s for {len(objects)} objects")
 
