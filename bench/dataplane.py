@@ -13,8 +13,9 @@ Stacks (each a pair of proxies):
     `ssl_verify_client on` on the other, the same CRL on both, proxy_buffer_size 64k;
   - envoy-x25519: Envoy as rendered but with `ecdh_curves: [X25519]` on both ends, for the cost of the
     post-quantum group (handshakes only);
-  - envoy-32k: Envoy as rendered but with `per_connection_buffer_limit_bytes: 32768` on its listeners and clusters
-    (Envoy's default is 1 MiB), for what that saves in memory (throughput, full handshakes, memory);
+  - envoy-1m: Envoy as rendered but without its `per_connection_buffer_limit_bytes` (32 KiB), i.e. with Envoy's
+    default 1 MiB per-connection buffers, for what the rendered limit saves in memory (throughput, full handshakes,
+    memory);
   - meshtls-before (only with MESHTLS_BENCH_DP_BASELINE=<git rev>): meshtls-proxy as it was at that commit,
     from `git archive`, for a before/after ratio of proxy changes measured in the same run.
 
@@ -58,7 +59,12 @@ from testsupport.kubelet import SidecarProcess, bundle_files, identity_files, wr
 
 from bench.common import Knobs, LoadMeter, Profiler, children, cpu_seconds, hwm_bytes, pct, prom_value, say
 from meshtls.dataplane.config import parse_sidecar_config
-from meshtls.dataplane.envoy import ECDH_CURVES, ENVOY_CONFIG_FILE, render_envoy_files
+from meshtls.dataplane.envoy import (
+    ECDH_CURVES,
+    ENVOY_CONFIG_FILE,
+    PER_CONNECTION_BUFFER_LIMIT_BYTES,
+    render_envoy_files,
+)
 from meshtls.pki import (
     RevocationReason,
     RevokedCertificate,
@@ -74,6 +80,7 @@ from meshtls.proxy.envoy_bin import EnvoyMissing, envoy_binary
 TD = "dp.meshtls.test"
 NGINX_STREAM_MODULE = Path("/usr/lib/nginx/modules/ngx_stream_module.so")
 PAYLOAD = 1024
+BUFFER_LIMIT_FIELD = "per_connection_buffer_limit_bytes"  # rendered on every listener and cluster; envoy-1m drops it
 
 
 def free_port() -> int:
@@ -275,14 +282,14 @@ def baseline_proxy(rev: str, root: Path) -> dict[str, str]:
 
 
 def envoy_bootstrap_for_bench(bootstrap: dict[str, Any], resumption: bool, curves: list[str] | None,
-                              buffer_limit: int | None = None) -> dict[str, Any]:
+                              envoy_default_buffers: bool = False) -> dict[str, Any]:
     """The rendered bootstrap with the knobs the bench turns, nothing else: TLS resumption off on both ends (for
-    full handshakes), the key-exchange groups (for the cost of the post-quantum one), and the per-connection buffer
-    limit (Envoy's default is 1 MiB; for what a smaller one saves in memory)."""
+    full handshakes), the key-exchange groups (for the cost of the post-quantum one), and the rendered
+    per-connection buffer limit removed (Envoy's 1 MiB default then applies: for what the limit saves in memory)."""
     out = copy.deepcopy(bootstrap)
     for item in (*out["static_resources"]["listeners"], *out["static_resources"]["clusters"]):
-        if buffer_limit is not None:
-            item["per_connection_buffer_limit_bytes"] = buffer_limit
+        if envoy_default_buffers:
+            del item[BUFFER_LIMIT_FIELD]
     for listener in out["static_resources"]["listeners"]:
         for chain in listener["filter_chains"]:
             socket_ = chain.get("transport_socket")
@@ -318,7 +325,7 @@ class Envoy(Stack):
     name = "envoy"
 
     def __init__(self, pki: Pki, root: Path, app_port: int, full_handshakes: bool, label: str = "envoy",
-                 curves: list[str] | None = None, buffer_limit: int | None = None) -> None:
+                 curves: list[str] | None = None, envoy_default_buffers: bool = False) -> None:
         tls, self.entry_port = free_port(), free_port()
         mode = "full" if full_handshakes else "default"
         server = parse_sidecar_config({
@@ -337,7 +344,7 @@ class Envoy(Stack):
             proc = EnvoyProcess(config, root / name / "config", name=name)
             files = render_envoy_files(config, str(proc.config_dir))
             bootstrap = envoy_bootstrap_for_bench(yaml.safe_load(files[ENVOY_CONFIG_FILE]), not full_handshakes,
-                                                  curves, buffer_limit)
+                                                  curves, envoy_default_buffers)
             files[ENVOY_CONFIG_FILE] = yaml.safe_dump(bootstrap, sort_keys=False)
             write_atomic_volume(proc.config_dir, {k: v.encode() for k, v in files.items()})
             self.sides[side] = proc
@@ -576,7 +583,6 @@ ENVOY_CPU_PER_GIB_GOAL = 0.9  # x nginx, at most
 ENVOY_HANDSHAKES_GOAL = 1.5  # x nginx, at least
 ENVOY_PRIVATE_MB_GOAL = 20.0  # anonymous memory per Envoy sidecar, at most
 MESHTLS_RSS_MB_GOAL = 40.0
-ENVOY_BUFFER_LIMIT = 32 * 1024  # the variant `envoy-32k`: Envoy as rendered with this per-connection buffer limit
 
 
 def _measure_cpu(stack: Stack, fn: Any) -> tuple[Any, float]:
@@ -603,8 +609,7 @@ def check_groups(counters: dict[str, float], expected: str, count: int) -> None:
 
 def _default_plane(cpu_gib: dict[str, float], hs: dict[str, float], memory_ok: dict[str, bool]) -> dict[str, Any]:
     """The chart's default: the data plane that wins on CPU per GiB and on full handshakes per CPU-s, within its
-    memory goal; none when the two figures disagree or the winner misses its memory goal. When Envoy as rendered
-    wins but misses the memory goal, `if_rendered_with_32k_buffers` says whether the 32 KiB variant would qualify."""
+    memory goal; none when the two figures disagree or the winner misses its memory goal."""
     cpu_winner = min(("meshtls", "envoy"), key=lambda n: cpu_gib[n])
     hs_winner = max(("meshtls", "envoy"), key=lambda n: hs[n])
     if cpu_winner != hs_winner:
@@ -614,17 +619,7 @@ def _default_plane(cpu_gib: dict[str, float], hs: dict[str, float], memory_ok: d
                f"{hs[other]:.0f} full handshakes per CPU-s")
     if memory_ok[cpu_winner]:
         return {"choice": cpu_winner, "why": f"{cpu_winner}: {figures}, within its memory goal"}
-    out: dict[str, Any] = {"choice": None, "why": f"{cpu_winner} wins on CPU and handshakes ({figures}) but misses "
-                                                  "its memory goal"}
-    variant = "envoy-32k"
-    if cpu_winner == "envoy" and variant in cpu_gib:
-        wins = cpu_gib[variant] < cpu_gib["meshtls"] and hs[variant] > hs["meshtls"]
-        out["if_rendered_with_32k_buffers"] = "envoy" if wins and memory_ok.get(variant) else None
-        within = "is within it" if memory_ok.get(variant) else "misses it too"
-        out["why"] += (f"; with 32 KiB per-connection buffers it {within} and "
-                       f"{'still wins' if wins else 'no longer wins'} ({cpu_gib[variant]:.2f} CPU-s per GiB, "
-                       f"{hs[variant]:.0f} full handshakes per CPU-s)")
-    return out
+    return {"choice": None, "why": f"{cpu_winner} wins on CPU and handshakes ({figures}) but misses its memory goal"}
 
 
 def run(knobs: Knobs, out: Path) -> dict[str, Any]:
@@ -654,7 +649,7 @@ def run(knobs: Knobs, out: Path) -> dict[str, Any]:
             started["nginx"] = Nginx(nginx, pki, root, app_port, full)
             started["envoy-x25519"] = Envoy(pki, root, app_port, full, "envoy-x25519", [CLASSICAL_GROUP])
             if full:  # a memory question: throughput, full handshakes and memory are enough
-                started["envoy-32k"] = Envoy(pki, root, app_port, full, "envoy-32k", None, ENVOY_BUFFER_LIMIT)
+                started["envoy-1m"] = Envoy(pki, root, app_port, full, "envoy-1m", None, envoy_default_buffers=True)
             if baseline_env is not None:
                 started["meshtls-before"] = Meshtls(pki, root, app_port, full, "meshtls-before", baseline_env)
         except BaseException:
@@ -702,14 +697,14 @@ def run(knobs: Knobs, out: Path) -> dict[str, Any]:
         total_hs = rounds * knobs.dp_handshakes
         check_groups(counters_full["envoy"], PQ_GROUP, total_hs - failed["envoy"])
         check_groups(counters_full["envoy-x25519"], CLASSICAL_GROUP, total_hs - failed["envoy-x25519"])
-        check_groups(counters_full["envoy-32k"], PQ_GROUP, total_hs - failed["envoy-32k"])
-        for name in ("meshtls", "envoy", "envoy-x25519", "envoy-32k"):
+        check_groups(counters_full["envoy-1m"], PQ_GROUP, total_hs - failed["envoy-1m"])
+        for name in ("meshtls", "envoy", "envoy-x25519", "envoy-1m"):
             if counters_full[name]["resumed"]:
                 raise RuntimeError(f"{name} resumed {counters_full[name]['resumed']:.0f} sessions with resumption off")
         # --- latency added at a fixed rate: short slices, stacks in turn, so bursts of noise hit all of them -------
         lat: dict[str, list[float]] = {"direct": []}
         order: list[tuple[str, Stack]] = [("direct", Direct(app_port)), *(
-            (n, s) for n, s in stacks.items() if n not in ("envoy-x25519", "envoy-32k"))]
+            (n, s) for n, s in stacks.items() if n not in ("envoy-x25519", "envoy-1m"))]
         slices = max(1, knobs.dp_seconds // 5)
         for i in range(slices):
             for name, stack in order:
@@ -764,8 +759,9 @@ def run(knobs: Knobs, out: Path) -> dict[str, Any]:
     ratios["envoy_pq_over_x25519_resumed_handshakes"] = round(hs_resumed["envoy"] / hs_resumed["envoy-x25519"], 2)
     ratios["envoy_over_meshtls_cpu_per_gib"] = round(cpu_gib["envoy"] / cpu_gib["meshtls"], 2)
     ratios["envoy_over_meshtls_full_handshakes"] = round(hs_full["envoy"] / hs_full["meshtls"], 2)
-    ratios["envoy_32k_over_envoy_cpu_per_gib"] = round(cpu_gib["envoy-32k"] / cpu_gib["envoy"], 2)
-    ratios["envoy_32k_over_envoy_full_handshakes"] = round(hs_full["envoy-32k"] / hs_full["envoy"], 2)
+    ratios["envoy_over_envoy_1m_cpu_per_gib"] = round(cpu_gib["envoy"] / cpu_gib["envoy-1m"], 2)
+    ratios["envoy_over_envoy_1m_full_handshakes"] = round(hs_full["envoy"] / hs_full["envoy-1m"], 2)
+    ratios["envoy_over_envoy_1m_anonymous_memory"] = round(worst["envoy"]["anon"] / worst["envoy-1m"]["anon"], 2)
     if baseline_env is not None:
         ratios["meshtls_after_over_before_cpu_per_gib"] = round(cpu_gib["meshtls"] / cpu_gib["meshtls-before"], 2)
         ratios["meshtls_after_over_before_full_handshakes"] = round(hs_full["meshtls"] / hs_full["meshtls-before"], 2)
@@ -781,11 +777,10 @@ def run(knobs: Knobs, out: Path) -> dict[str, Any]:
         "meshtls_rss_per_sidecar_at_most_40mb": worst["meshtls"]["rss"] <= MESHTLS_RSS_MB_GOAL,
     }
     memory_ok = {"envoy": goals["envoy_anonymous_memory_per_sidecar_at_most_20mb"],
-                 "meshtls": goals["meshtls_rss_per_sidecar_at_most_40mb"],
-                 "envoy-32k": worst["envoy-32k"]["anon"] <= ENVOY_PRIVATE_MB_GOAL}
+                 "meshtls": goals["meshtls_rss_per_sidecar_at_most_40mb"]}
     result.update({
-        "stacks": [*THREE, "envoy-x25519", "envoy-32k", *(["meshtls-before"] if baseline_env is not None else [])],
-        "envoy_buffer_limit_bytes": ENVOY_BUFFER_LIMIT,
+        "stacks": [*THREE, "envoy-x25519", "envoy-1m", *(["meshtls-before"] if baseline_env is not None else [])],
+        "envoy_buffer_limit_bytes": PER_CONNECTION_BUFFER_LIMIT_BYTES,  # as rendered; envoy-1m: Envoy's default
         "cpu_s_per_gib": {**cpu_gib, "all_rounds": _rounded(tput, 3)},
         "handshakes_per_cpu_s": {**hs_full, "all_rounds": _rounded(hs, 1), "failed": failed, "counters": counters_full},
         "handshakes_per_cpu_s_resumption_on": {**hs_resumed, "all_rounds": _rounded(hs_default, 1), "failed":

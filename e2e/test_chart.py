@@ -276,6 +276,7 @@ def test_install_creates_every_object_and_uninstall_removes_them(
                 assert container["command"] == ["meshtls", "operator"]
                 assert "--priority=$(MESHTLS_PRIORITY)" in container["args"]
                 assert f"--namespace={namespace}" in container["args"]
+                assert "--default-data-plane=envoy" in container["args"]  # the chart's default data plane
                 assert container["securityContext"]["readOnlyRootFilesystem"] is True
                 assert container["image"] == pushed_image.reference
                 assert f"--sidecar-image={pushed_image.reference}" in container["args"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import http.client
+import random
 import re
 import socket
 import ssl
@@ -238,6 +239,17 @@ def test_strangers_are_refused_and_an_allowed_certificate_gets_through(envoy_mes
 
 def serials(kube: Kube, ns: str, names: tuple[str, ...]) -> dict[str, str]:
     return {n: (kube.identity(ns, n) or {})["status"]["serialNumber"] for n in names}
+
+
+def test_a_large_message_crosses_envoys_32k_buffers_both_ways(envoy_mesh: EnvoyMesh) -> None:
+    """The rendered per-connection buffer limit (32 KiB) is flow control, not a size cap: 3 MiB up and 3 MiB back in
+    one gRPC call through the client's and the server's Envoy (gRPC's default message limit is 4 MiB)."""
+    payload = random.Random(15).randbytes(3 << 20)
+    with grpc.insecure_channel(f"127.0.0.1:{envoy_mesh.ports['client_grpc_out']}") as channel:
+        say = channel.unary_unary("/meshtls.Echo/Say")
+        assert say(payload, timeout=60) == b"echo " + payload
+    _, dump = envoy_mesh.envoy("server").get("/config_dump")
+    assert b'"per_connection_buffer_limit_bytes": 32768' in dump
 
 
 def test_a_grpc_bidi_stream_opened_before_a_rotation_keeps_flowing(envoy_mesh: EnvoyMesh, kube: Kube) -> None:

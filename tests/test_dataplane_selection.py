@@ -8,6 +8,7 @@ import asyncio
 import copy
 import datetime as dt
 import itertools
+import json
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from meshtls.api.model import (
     resolve_identity,
 )
 from meshtls.api.reasons import Reason
+from meshtls.cli.main import build_parser
 from meshtls.controller.identity import on_identity_event
 from meshtls.controller.runtime import Operator
 from meshtls.controller.trust.registry import TrustDomains
@@ -37,6 +39,7 @@ from meshtls.injection.render import (
     render_sidecar_files,
     spec_field,
 )
+from meshtls.operator.settings import OperatorOptions
 from meshtls.policy.clock import FakeClock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,14 +75,26 @@ def test_the_identity_wins_then_the_trust_domain_then_the_operator(
     assert resolved.data_plane is expected
 
 
-def test_the_default_default_is_meshtls_proxy_as_the_chart_says() -> None:
-    """The operator's default without a flag, the CLI's and the chart's agree (the coordinator flips all three)."""
-    assert DEFAULT_DATA_PLANE is DataPlane.MESHTLS_PROXY
-    assert resolve_identity(parse_workload_identity(wid()), parse_trust_domain(td())).data_plane is DEFAULT_DATA_PLANE
+def test_the_chart_defaults_to_envoy_and_the_bare_operator_to_meshtls_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chart installs Envoy as the default data plane: the data-plane bench's reference run chose it (it wins on
+    CPU per GiB and on handshakes per CPU-s within its memory goal, docs/benchmarks.md section 4). `meshtls operator`
+    run without the chart (and without --default-data-plane) keeps meshtls-proxy: a pip install has Envoy only with
+    the `envoy` extra. The model's default, the CLI's and the operator options' agree."""
     values = yaml.safe_load((ROOT / "charts/meshtls/values.yaml").read_text())
-    assert values["dataPlane"] in {d.value for d in DataPlane}
+    assert values["dataPlane"] == DataPlane.ENVOY.value
     statefulset = (ROOT / "charts/meshtls/templates/statefulset.yaml").read_text()
     assert "--default-data-plane={{ .Values.dataPlane }}" in statefulset
+    reference = json.loads((ROOT / "bench/results/reference/dataplane/results.json").read_text())
+    assert reference["dataplane"]["default_data_plane"]["choice"] == values["dataPlane"], \
+        reference["dataplane"]["default_data_plane"]
+
+    assert DEFAULT_DATA_PLANE is DataPlane.MESHTLS_PROXY
+    assert resolve_identity(parse_workload_identity(wid()), parse_trust_domain(td())).data_plane is DEFAULT_DATA_PLANE
+    assert OperatorOptions().default_data_plane == DEFAULT_DATA_PLANE.value
+    monkeypatch.delenv("MESHTLS_DEFAULT_DATA_PLANE", raising=False)
+    assert build_parser().parse_args(["operator"]).default_data_plane == DEFAULT_DATA_PLANE.value
+    monkeypatch.setenv("MESHTLS_DEFAULT_DATA_PLANE", "envoy")
+    assert build_parser().parse_args(["operator"]).default_data_plane == "envoy"
 
 
 @pytest.mark.parametrize("value", ["Envoy", "istio", "", " envoy", 1, True, ["envoy"], {"name": "envoy"}])

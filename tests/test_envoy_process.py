@@ -5,9 +5,13 @@ kubelet's way."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import random
 import re
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -84,21 +88,27 @@ def test_envoy_serves_every_golden(name: str, tmp_path: Path, ca: CertificateAut
     assert warnings_in(envoy.log()) == []
 
 
+def pair_configs(server: Workload, client: Workload, app_port: int) -> tuple[SidecarConfig, SidecarConfig, int, int]:
+    """backend's sidecar serves the app on 127.0.0.1:app_port to frontend only; frontend's originates TLS to it."""
+    inbound, outbound, server_admin, client_admin = free_ports(4)
+    server_config = parse_sidecar_config({
+        "spiffeId": server.spiffe_id, "identityDir": str(server.identity_dir), "bundleDir": str(server.bundle_dir),
+        "inbound": [{"port": inbound, "appPort": app_port, "allow": [client.spiffe_id]}],
+        "admin": {"port": server_admin}})
+    client_config = parse_sidecar_config({
+        "spiffeId": client.spiffe_id, "identityDir": str(client.identity_dir), "bundleDir": str(client.bundle_dir),
+        "outbound": [{"listenPort": outbound, "address": f"127.0.0.1:{inbound}", "peer": server.spiffe_id}],
+        "admin": {"port": client_admin}})
+    return server_config, client_config, inbound, outbound
+
+
 @pytest.fixture
 def pair(tmp_path: Path, ca: CertificateAuthority) -> Iterator[tuple[Workload, Workload, EnvoyProcess, EnvoyProcess,
                                                                    int, int]]:
     """backend's Envoy serves an echo app to frontend only; frontend's Envoy originates TLS to it."""
     server, client = Workload("backend", tmp_path, ca), Workload("frontend", tmp_path, ca)
     app = TcpApp(echo)
-    inbound, outbound, server_admin, client_admin = free_ports(4)
-    server_config = parse_sidecar_config({
-        "spiffeId": server.spiffe_id, "identityDir": str(server.identity_dir), "bundleDir": str(server.bundle_dir),
-        "inbound": [{"port": inbound, "appPort": app.port, "allow": [client.spiffe_id]}],
-        "admin": {"port": server_admin}})
-    client_config = parse_sidecar_config({
-        "spiffeId": client.spiffe_id, "identityDir": str(client.identity_dir), "bundleDir": str(client.bundle_dir),
-        "outbound": [{"listenPort": outbound, "address": f"127.0.0.1:{inbound}", "peer": server.spiffe_id}],
-        "admin": {"port": client_admin}})
+    server_config, client_config, inbound, outbound = pair_configs(server, client, app.port)
     try:
         with EnvoyProcess(server_config, tmp_path / "backend" / "config", "server") as envoy_server, \
                 EnvoyProcess(client_config, tmp_path / "frontend" / "config", "client") as envoy_client:
@@ -198,6 +208,52 @@ def test_open_connection_outlives_revocation(pair: tuple[Workload, Workload, Env
         wait_until(lambda: refused(outbound), 10, "the revoked client refused")
         open_conn.sendall(b"after")
         assert open_conn.recv(100) == b"after"
+
+
+def test_a_stream_far_beyond_the_buffer_limit_flows_both_ways(tmp_path: Path, ca: CertificateAuthority) -> None:
+    """The rendered 32 KiB per-connection buffer limit is backpressure, not a size cap: an app that reads only once
+    the server's Envoy has paused reading from its peer (its buffer toward the app full) still gets 32 MiB intact,
+    and echoes it back through both Envoys while the client is still sending."""
+    server, client = Workload("backend", tmp_path, ca), Workload("frontend", tmp_path, ca)
+    size = 32 << 20
+    payload = random.Random(15).randbytes(size)
+    holder: dict[str, EnvoyProcess] = {}
+
+    def slow_echo(conn: socket.socket) -> None:
+        envoy = holder["server"]
+        wait_until(lambda: envoy.stat(f"tcp.inbound_{inbound}.downstream_flow_control_paused_reading_total") > 0,
+                   30, "the server's Envoy paused reading from its peer")
+        echo(conn)
+
+    app = TcpApp(slow_echo)
+    server_config, client_config, inbound, outbound = pair_configs(server, client, app.port)
+    received = bytearray()
+    try:
+        with EnvoyProcess(server_config, tmp_path / "backend" / "config", "server") as envoy_server, \
+                EnvoyProcess(client_config, tmp_path / "frontend" / "config", "client") as envoy_client:
+            holder["server"] = envoy_server
+            live = {c["@type"].rsplit(".", 1)[1]: c for c in json.loads(envoy_server.get("/config_dump")[1])["configs"]}
+            limits = [x["listener"]["per_connection_buffer_limit_bytes"]
+                      for x in live["ListenersConfigDump"]["static_listeners"]]
+            limits += [x["cluster"]["per_connection_buffer_limit_bytes"]
+                       for x in live["ClustersConfigDump"]["static_clusters"]]
+            assert limits == [32768, 32768]  # Envoy runs with the rendered limit: its listener and its cluster
+            with socket.create_connection(("127.0.0.1", outbound), timeout=30) as conn:
+                def send() -> None:
+                    conn.sendall(payload)
+                    conn.shutdown(socket.SHUT_WR)
+
+                sender = threading.Thread(target=send, daemon=True)
+                sender.start()
+                while chunk := conn.recv(1 << 20):
+                    received += chunk
+                sender.join(30)
+            paused = envoy_server.stat(f"tcp.inbound_{inbound}.downstream_flow_control_paused_reading_total")
+            print(f"{size >> 20} MiB echoed through two Envoys; the server's paused reading {paused} times")
+            assert warnings_in(envoy_server.log()) == [] and warnings_in(envoy_client.log()) == []
+    finally:
+        app.close()
+    assert len(received) == size and hashlib.sha256(received).digest() == hashlib.sha256(payload).digest()
 
 
 @pytest.mark.parametrize("envoy_side", ["server", "client"])

@@ -186,12 +186,14 @@ def _string_match(matcher: dict[str, str], value: str) -> bool:
 
 def check_invariants(config: SidecarConfig, files: dict[str, str]) -> None:
     """What every rendering must say, whatever the routes: one listener per route on the right address, TLS 1.3
-    with the PQ group first, client certificates required, the RBAC and SAN rules equivalent to matches_pattern."""
+    with the PQ group first, client certificates required, the RBAC and SAN rules equivalent to matches_pattern, the
+    32 KiB per-connection buffer limit on every listener and cluster."""
     bootstrap = yaml.safe_load(files[ENVOY_CONFIG_FILE])
     assert bootstrap["admin"]["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": config.admin_port}
     assert bootstrap["node"] == {"id": config.spiffe_id, "cluster": config.spiffe_id}
     listeners, clusters = _listeners(files), _clusters(files)
     assert len(listeners) == len(config.inbound) + len(config.outbound)
+    assert {x["per_connection_buffer_limit_bytes"] for x in (*listeners.values(), *clusters.values())} <= {32768}
     probes = _probe_ids(config)
     for route in config.inbound:
         listener = listeners[f"inbound_{route.port}"]

@@ -77,7 +77,9 @@ class DataPlane(enum.StrEnum):
     ENVOY = "envoy"
 
 
-# The operator-wide default when neither the identity nor its TrustDomain names one (the chart's sidecar.dataPlane).
+# The operator-wide default when neither the identity nor its TrustDomain names one: `meshtls operator`'s without
+# --default-data-plane. meshtls-proxy, as a pip install has Envoy only with the `envoy` extra; the chart passes its
+# `dataPlane` value (envoy) instead.
 DEFAULT_DATA_PLANE = DataPlane.MESHTLS_PROXY
 
 

@@ -49,6 +49,10 @@ CONNECT_TIMEOUT = "10s"  # as meshtls-proxy's CONNECT_TIMEOUT
 # Envoy's cap on open downstream connections (one pod's sidecar; each costs two file descriptors). Without one it warns
 # at every start; meshtls-proxy is bounded only by the process's file limit.
 MAX_DOWNSTREAM_CONNECTIONS = 16384
+# Per-connection read/write buffer cap on every listener and cluster. Envoy's default (1 MiB) let a sidecar hold 23 MB
+# of anonymous memory after the data-plane bench's load, over the 20 MB goal; 32 KiB held 15 MB for up to a tenth
+# more CPU per GiB (docs/benchmarks.md section 4). Backpressure, not a size limit: larger streams still flow.
+PER_CONNECTION_BUFFER_LIMIT_BYTES = 32 * 1024
 ANY_SPIFFE_ID = "spiffe://"  # `*` allows any peer with a SPIFFE ID the bundle vouches for, as meshtls-proxy does
 
 _TYPE = "type.googleapis.com/envoy."
@@ -180,6 +184,7 @@ def _cluster(name: str, upstream: Upstream, transport_socket: dict[str, Any] | N
         "name": name,
         "type": "STATIC" if upstream.is_ip else "STRICT_DNS",
         "connect_timeout": CONNECT_TIMEOUT,
+        "per_connection_buffer_limit_bytes": PER_CONNECTION_BUFFER_LIMIT_BYTES,
         "load_assignment": {"cluster_name": name, "endpoints": [
             {"lb_endpoints": [{"endpoint": {"address": _socket_address(upstream.host, upstream.port)}}]}]},
     }
@@ -200,6 +205,7 @@ def render_envoy_bootstrap(config: SidecarConfig, config_dir: str = CONFIG_DIR) 
             "name": name,
             "address": _socket_address("0.0.0.0", route.port),
             "traffic_direction": "INBOUND",  # the preStop drain (`/drain_listeners?inboundonly`) closes these only
+            "per_connection_buffer_limit_bytes": PER_CONNECTION_BUFFER_LIMIT_BYTES,
             "filter_chains": [{
                 "filters": [_rbac(name, route.allow), _tcp_proxy(name, app)],
                 "transport_socket": _tls_socket("DownstreamTlsContext", {
@@ -219,6 +225,7 @@ def render_envoy_bootstrap(config: SidecarConfig, config_dir: str = CONFIG_DIR) 
             "name": name,
             "address": _socket_address("127.0.0.1", out.listen_port),
             "traffic_direction": "OUTBOUND",
+            "per_connection_buffer_limit_bytes": PER_CONNECTION_BUFFER_LIMIT_BYTES,
             "filter_chains": [{"filters": [_tcp_proxy(name, name)]}],
         })
         clusters[name] = _cluster(name, upstream, _tls_socket("UpstreamTlsContext", context))

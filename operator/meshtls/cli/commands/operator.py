@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from meshtls.api.model import DEFAULT_DATA_PLANE, DataPlane
 from meshtls.api.names import DEFAULT_SIDECAR_IMAGE
 from meshtls.cli.errors import Parser, UsageError
 
@@ -30,10 +31,13 @@ def add_operator_command(sub: argparse._SubParsersAction[Parser]) -> None:
     p.add_argument("--webhook-failure-policy", default="Ignore", choices=["Ignore", "Fail"])
     p.add_argument("--sidecar-image", default=os.environ.get("MESHTLS_SIDECAR_IMAGE", DEFAULT_SIDECAR_IMAGE),
                    help="image of the injected sidecar container (meshtls-proxy or Envoy: the same image)")
-    p.add_argument("--default-data-plane", default=os.environ.get("MESHTLS_DEFAULT_DATA_PLANE", "meshtls-proxy"),
-                   choices=["meshtls-proxy", "envoy"],
+    p.add_argument("--default-data-plane",
+                   default=os.environ.get("MESHTLS_DEFAULT_DATA_PLANE", DEFAULT_DATA_PLANE.value),
+                   choices=[d.value for d in DataPlane],
                    help="the sidecar injected when neither a WorkloadIdentity (spec.dataPlane) nor its TrustDomain "
-                        "(spec.sidecar.dataPlane) names one")
+                        "(spec.sidecar.dataPlane) names one (default $MESHTLS_DEFAULT_DATA_PLANE or "
+                        f"{DEFAULT_DATA_PLANE.value}; the Helm chart sets envoy, the winner of the data-plane "
+                        "benchmark, see docs/operations.md)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=run)
 
