@@ -95,9 +95,10 @@ def test_report_renders_from_results(tmp_path: Path) -> None:
         "machine": {"cpus": 2, "commit": "abc", "operator_changes_not_committed": []},
         "knobs": {"n": 10, "steady_n": 20, "namespaces": 1, "workers": 4, "idle_seconds": 1, "small": True},
         "issuance": {"meshtls": side, "floor": side, "summary": {
-            "identities_per_second": 10.0, "ratio_to_floor": 1.0, "writes_per_identity": 4.0,
-            "goals": {"rate_at_least_200_per_s": False, "at_least_half_the_floor": True,
-                      "at_most_4_writes_per_issuance": True}}},
+            "identities_per_second": 10.0, "floor_identities_per_second": 10.0, "ratio_to_floor": 1.0,
+            "writes_per_identity": 4.0, "reads_per_identity": 1.0,
+            "goals": {"at_most_3_writes_per_issuance": False, "no_read_per_issuance": False,
+                      "cpu_at_most_4ms_per_issuance": False, "at_least_0_9_of_the_floor": True}}},
     }
     (tmp_path / "results.json").write_text(json.dumps(results))
     report.write(results, tmp_path)

@@ -26,6 +26,13 @@ crl_writes = Counter("meshtls_crl_publications_total", "CRL signings published t
 ca_expiration = Gauge("meshtls_ca_expiration_timestamp_seconds", "When the trust domain's signing CA expires",
                       ["trust_domain"], registry=REGISTRY)
 
+api_requests = Counter("meshtls_api_requests_total", "Requests the operator sent to the Kubernetes API (its own "
+                       "client; kopf's watches not included)", ["verb", "resource"], registry=REGISTRY)
+
+
+def count_api_request(verb: str, resource: str) -> None:
+    api_requests.labels(verb, resource).inc()
+
 
 def forget_identity(namespace: str, name: str, spiffe_id: str) -> None:
     for gauge in (expiration, renewal, ready):
