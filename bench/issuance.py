@@ -138,10 +138,32 @@ def run_meshtls(bench: Bench) -> dict[str, Any]:
     result = measure(bench, "meshtls", bench.operator.proc.pid, keys, {"trustDomain": TRUST_DOMAIN}, TRUST_DOMAIN,
                      profile=bench.out / "operator-issuance.pyspy.txt")
     result["namespaces"] = namespaces
+    # the operator's own count (meshtls_api_requests_total): its reads apart from the garbage collector's, the GETs
+    # of the request-race fix (an event that waited on the lock) included
+    own = operator_requests(bench.operator.metrics())
+    own_before = operator_requests(metrics_before)
+    delta = {k: v - own_before.get(k, 0) for k, v in own.items() if v - own_before.get(k, 0)}
+    result["operator_requests"] = delta
+    result["operator_reads_per_identity"] = round(sum(v for k, v in delta.items() if k.startswith("GET ")) / n, 3)
+    result["operator_identity_gets"] = delta.get("GET workloadidentities", 0)
+    result["operator_writes_per_identity"] = round(
+        sum(v for k, v in delta.items() if k.split()[0] in ("POST", "PUT", "PATCH", "DELETE")) / n, 3)
     result["operator_metrics_before"] = _issued(metrics_before)
     result["operator_metrics_after"] = _issued(bench.operator.metrics())
     bench.issued_keys = keys  # type: ignore[attr-defined]
     return result
+
+
+def operator_requests(text: str) -> dict[str, int]:
+    """meshtls_api_requests_total by "VERB resource", from the operator's /metrics."""
+    import re
+
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("meshtls_api_requests_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line[:line.index("}")]))
+            out[f"{labels['verb']} {labels['resource']}"] = int(float(line.rsplit(" ", 1)[1]))
+    return out
 
 
 def _issued(text: str) -> dict[str, float]:
