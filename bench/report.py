@@ -143,6 +143,12 @@ def markdown(results: dict[str, Any], images: list[str]) -> str:
         f"client threads{' (SMALL smoke size)' if k.get('small') else ''}. Total {results.get('seconds')} s.",
         "",
     ]
+    if results.get("parts"):
+        lines += ["Committed in parts (`python -m bench.report DIR` merges them): " + "; ".join(
+            f"`{name}`: {', '.join(p['sections'])} (run {p['started']}, commit {p['commit']})"
+            for name, p in results["parts"].items()) + (" and `results.json` for the rest." if any(
+                s in results for s in SECTIONS if not any(s in p["sections"] for p in results["parts"].values()))
+                else "."), ""]
     if results.get("errors"):
         lines += ["**Errors:** " + "; ".join(f"{s}: {e}" for s, e in results["errors"].items()), ""]
     iss = results.get("issuance")
@@ -309,6 +315,32 @@ def write(results: dict[str, Any], out: Path) -> None:
     (out / "report.md").write_text(markdown(results, images))
 
 
+SECTIONS = ("issuance", "steady", "revocation", "dataplane")
+
+
+def load(d: Path) -> dict[str, Any]:
+    """results.json, with the sections of every results-<part>.json beside it laid over it (the reference run is
+    committed in parts, one file per owner: results-operator.json holds issuance, steady and revocation). The
+    header (machine, knobs) is the first part's that has the issuance section, else results.json's."""
+    base = d / "results.json"
+    merged: dict[str, Any] = json.loads(base.read_text()) if base.exists() else {"errors": {}}
+    parts = sorted(d.glob("results-*.json"))
+    merged["parts"] = {}
+    for part in parts:
+        doc = json.loads(part.read_text())
+        for section in SECTIONS:
+            if section in doc:
+                merged[section] = doc[section]
+        for key in ("machine", "knobs", "started", "seconds"):
+            if key in doc and ("issuance" in doc or key not in merged):
+                merged[key] = doc[key]
+        merged["parts"][part.name] = {"sections": [s for s in SECTIONS if s in doc],
+                                      "commit": (doc.get("machine") or {}).get("commit"),
+                                      "started": doc.get("started")}
+        merged.setdefault("errors", {}).update(doc.get("errors") or {})
+    return merged
+
+
 if __name__ == "__main__":  # re-render: python -m bench.report bench/results/<dir>
     d = Path(sys.argv[1])
-    write(json.loads((d / "results.json").read_text()), d)
+    write(load(d), d)

@@ -21,13 +21,15 @@ WRITES = ("POST", "PUT", "PATCH", "DELETE")
 _SAMPLE = re.compile(r'^meshtls_api_requests_total\{([^}]*)\} ([0-9.e+]+)$')
 
 
-def operator_requests(operator: OperatorProcess) -> Counter[tuple[str, str]]:
-    """The operator's own count of what it sent, by (verb, resource)."""
+def operator_requests(operator: OperatorProcess, scope: str = "workloads") -> Counter[tuple[str, str]]:
+    """The operator's own count of what it sent into the namespaces it serves (not its own: the trust domains' state
+    there is polled), by (verb, resource)."""
     counts: Counter[tuple[str, str]] = Counter()
     for line in operator.metrics().splitlines():
         if m := _SAMPLE.match(line):
             labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
-            counts[(labels["verb"], labels["resource"])] = int(float(m.group(2)))
+            if labels["scope"] == scope:
+                counts[(labels["verb"], labels["resource"])] += int(float(m.group(2)))
     return counts
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -61,11 +61,16 @@ ca_expiration = Gauge("meshtls_ca_expiration_timestamp_seconds", "When the trust
                       ["trust_domain"], registry=REGISTRY)
 
 api_requests = Counter("meshtls_api_requests_total", "Requests the operator sent to the Kubernetes API (its own "
-                       "client; kopf's watches not included)", ["verb", "resource"], registry=REGISTRY)
+                       "client; kopf's watches not included); scope: operator (its own namespace), workloads "
+                       "(the namespaces served) or cluster", ["verb", "resource", "scope"], registry=REGISTRY)
 
 
-def count_api_request(verb: str, resource: str) -> None:
-    api_requests.labels(verb, resource).inc()
+def request_counter(operator_namespace: str) -> Callable[[str, str, str], None]:
+    def count(verb: str, namespace: str, resource: str) -> None:
+        scope = "cluster" if not namespace else "operator" if namespace == operator_namespace else "workloads"
+        api_requests.labels(verb, resource, scope).inc()
+
+    return count
 
 
 def record_identity(namespace: str, name: str, spiffe_id: str, expires: float | None, renews: float) -> None:

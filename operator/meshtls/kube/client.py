@@ -120,19 +120,25 @@ def _encode(data: Mapping[str, bytes]) -> dict[str, str]:
     return {k: base64.b64encode(v).decode() for k, v in data.items()}
 
 
-def request_resource(url: str) -> str:
-    """The resource a request URL addresses, with its subresource: "secrets", "workloadidentities/status"."""
+def request_target(url: str) -> tuple[str, str]:
+    """(namespace or "", resource with its subresource) a request URL addresses: ("ns", "workloadidentities/status")."""
     path = url.split("://", 1)[-1].split("?", 1)[0]
     parts = [p for p in path.split("/")[1:] if p]  # the host dropped
     if parts[:1] == ["api"]:
         parts = parts[2:]
     elif parts[:1] == ["apis"]:
         parts = parts[3:]
+    namespace = ""
     if len(parts) > 2 and parts[0] == "namespaces":
-        parts = parts[2:]
+        namespace, parts = parts[1], parts[2:]
     if not parts:
-        return ""
-    return parts[0] if len(parts) < 3 else f"{parts[0]}/{parts[2]}"
+        return namespace, ""
+    return namespace, parts[0] if len(parts) < 3 else f"{parts[0]}/{parts[2]}"
+
+
+def request_resource(url: str) -> str:
+    """The resource a request URL addresses, with its subresource: "secrets", "workloadidentities/status"."""
+    return request_target(url)[1]
 
 
 def _identity_path(namespace: str, name: str) -> str:
@@ -157,11 +163,11 @@ class Kube:
     def __init__(self, api_client: client.ApiClient, threads: int = 16) -> None:
         self.api_client = api_client
         # every request this client sends, counted where all of them pass (the typed APIs and the plain ones)
-        self.on_request: Callable[[str, str], None] = lambda verb, resource: None
+        self.on_request: Callable[[str, str, str], None] = lambda verb, namespace, resource: None
         send = api_client.call_api
 
         def counted(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
-            self.on_request(method, request_resource(url))
+            self.on_request(method, *request_target(url))
             return send(method, url, *args, **kwargs)
 
         api_client.call_api = counted  # type: ignore[method-assign]

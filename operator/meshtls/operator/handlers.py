@@ -60,7 +60,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     else:
         settings.peering.standalone = True
     kube = connect(OPTIONS.kubeconfig)
-    kube.on_request = metrics.count_api_request
+    kube.on_request = metrics.request_counter(OPTIONS.operator_namespace)
     clock = SystemClock()
     # how often a trust domain re-reads what it does not watch (federated bundles); tests shorten it
     resync = dt.timedelta(seconds=float(os.environ.get("MESHTLS_TRUST_RESYNC_SECONDS") or RESYNC.total_seconds()))
