@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import datetime as dt
 import functools
 import json
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -181,14 +183,21 @@ class Kube:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
+    def _send(self, method: str, path: str, body: bytes | None, content_type: str, preload: bool = True,
+              timeout: Any = None) -> Any:
+        """One HTTP request on the client's connection pool (its TLS, proxy and retry settings), counted."""
+        headers = {"Accept": JSON, "Content-Type": content_type}
+        self.api_client.update_params_for_auth(headers, [], ["BearerToken"], path, method, body)
+        url = self.api_client.configuration.host + path
+        self.on_request(method, *request_target(url))
+        return self.api_client.rest_client.pool_manager.request(method, url, body=body, headers=headers,
+                                                                preload_content=preload, timeout=timeout)
+
     def _request(self, method: str, path: str, body: Any = None, content_type: str = JSON) -> Any:
         """One request with plain JSON in and out: the typed APIs' model (de)serialisation and argument validation
         cost more CPU than the request itself on the hot path. Errors raise ApiException, as the typed APIs do."""
-        headers = {"Accept": JSON, "Content-Type": content_type}
-        self.api_client.update_params_for_auth(headers, [], ["BearerToken"], path, method, body)
-        response = self.api_client.call_api(method, self.api_client.configuration.host + path,
-                                            header_params=headers, body=body)
-        data = response.read()
+        response = self._send(method, path, json.dumps(body).encode() if body is not None else None, content_type)
+        data = response.data
         if not 200 <= response.status <= 299:
             raise ApiException(status=response.status, reason=response.reason,
                                body=data.decode(errors="replace") if data else "")
@@ -214,21 +223,19 @@ class Kube:
                 return items, version
 
     def _watch_lines(self, path: str, label_selector: str | None, resource_version: str, timeout: int,
-                     opened: Callable[[Any], None]) -> Iterator[tuple[str, dict[str, Any]]]:
+                     opened: Callable[[Any], None], skip: tuple[bytes, ...] = ()) -> Iterator[tuple[str, Any]]:
         query = {"watch": "true", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
                  "timeoutSeconds": str(timeout), **({"labelSelector": label_selector} if label_selector else {})}
-        headers = {"Accept": JSON}
-        self.api_client.update_params_for_auth(headers, [], ["BearerToken"], path, "GET", None)
-        url = f"{self.api_client.configuration.host}{path}?{urllib.parse.urlencode(query)}"
-        response = self.api_client.call_api("GET", url, header_params=headers, _request_timeout=(10, timeout + 30))
-        if response.status != 200:
-            data = response.read()
-            raise _translate(ApiException(status=response.status, reason=response.reason,
-                                          body=data.decode(errors="replace") if data else ""))
-        opened(response.response)
+        response = self._send("GET", f"{path}?{urllib.parse.urlencode(query)}", None, JSON, preload=False,
+                              timeout=urllib3.Timeout(connect=10, read=timeout + 30))
+        opened(response)
         try:
-            for line in response.response:
-                if not line.strip():
+            if response.status != 200:
+                data = response.read()
+                raise _translate(ApiException(status=response.status, reason=response.reason,
+                                              body=data.decode(errors="replace") if data else ""))
+            for line in response:
+                if not line.strip() or line.startswith(skip):  # the caller ignores these: not even parsed
                     continue
                 event = json.loads(line)
                 if event.get("type") == "ERROR":  # 410: the version is too old to resume from
@@ -236,38 +243,50 @@ class Kube:
                     raise _translate(ApiException(status=int(status.get("code") or 500),
                                                   reason=str(status.get("reason") or ""),
                                                   body=json.dumps(status)))
-                yield str(event.get("type") or ""), dict(event.get("object") or {})
+                yield str(event.get("type") or ""), event.get("object") or {}
         finally:
-            response.response.release_conn()
+            response.release_conn()
 
-    async def watch_objects(self, path: str, label_selector: str | None, resource_version: str,
-                            timeout: int = 120) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-        """(type, object) as the API server sends them from `resource_version` (BOOKMARK included), until the server
-        ends the watch (`timeout` seconds) or the caller stops. A thread of its own reads the stream: a watch lasts
-        minutes and must not hold one of the executor's threads; an expired version raises Gone (410)."""
+    async def watch_objects(self, path: str, label_selector: str | None, resource_version: str, timeout: int = 120,
+                            skip: tuple[str, ...] = ()) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """(type, object) as the API server sends them from `resource_version` (BOOKMARK included; event types in
+        `skip` left out unparsed), until the server ends the watch (`timeout` seconds) or the caller stops. A thread
+        of its own reads the stream: a watch lasts minutes and must not hold one of the executor's threads; the
+        events it reads in a burst wake the event loop once. An expired version raises Gone (410)."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Any] = asyncio.Queue()
+        arrived: collections.deque[Any] = collections.deque()
+        wake = asyncio.Event()
         done = object()
         responses: list[Any] = []
+        prefixes = tuple(f'{{"type":"{t}"'.encode() for t in skip)
+
+        def hand_over(item: Any) -> None:
+            arrived.append(item)
+            if len(arrived) == 1:  # the first since the consumer last emptied it: wake it (once per burst)
+                loop.call_soon_threadsafe(wake.set)
 
         def read() -> None:
             try:
-                for item in self._watch_lines(path, label_selector, resource_version, timeout, responses.append):
-                    loop.call_soon_threadsafe(queue.put_nowait, item)
-                loop.call_soon_threadsafe(queue.put_nowait, done)
+                for item in self._watch_lines(path, label_selector, resource_version, timeout, responses.append,
+                                              prefixes):
+                    hand_over(item)
+                hand_over(done)
             except BaseException as exc:  # handed to the consumer, which raises it
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
+                hand_over(exc)
 
         reader = threading.Thread(target=read, name="kube-watch", daemon=True)
         reader.start()
         try:
             while True:
-                item = await queue.get()
-                if item is done:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                await wake.wait()
+                wake.clear()
+                while arrived:
+                    item = arrived.popleft()
+                    if item is done:
+                        return
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
         finally:
             for response in responses:  # a consumer that stops early ends the reader's blocking read
                 response.shutdown() if hasattr(response, "shutdown") else response.close()
