@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from collections.abc import Iterator
+from typing import Any
+
 import pytest
 
-from meshtls.kube.client import request_resource, request_target
+from meshtls.kube.client import Kube, request_resource, request_target
 
 
 @pytest.mark.parametrize(("url", "resource"), [
@@ -46,3 +51,59 @@ def test_the_operator_counts_requests_by_scope() -> None:
     text = generate_latest(metrics.REGISTRY).decode()
     for scope in ("operator", "workloads", "cluster"):
         assert f'meshtls_api_requests_total{{resource="secrets",scope="{scope}",verb="GET"}}' in text
+
+
+class _Released:
+    """A watch response the reader has already released: shutting it down raises, as urllib3's does."""
+
+    def __init__(self) -> None:
+        self.shut = 0
+
+    def shutdown(self) -> None:
+        self.shut += 1
+        raise RuntimeError("Cannot shutdown as connection has already been released to the pool")
+
+
+def _kube_with_stream(events: list[tuple[str, dict[str, object]]], response: object,
+                      block: threading.Event | None = None) -> Kube:
+    from kubernetes import client
+
+    kube = Kube(client.ApiClient(client.Configuration()))
+
+    def lines(path: str, selector: str | None, version: str, timeout: int, opened: Any,
+              skip: tuple[bytes, ...] = ()) -> Iterator[tuple[str, Any]]:
+        opened(response)
+        yield from events
+        if block is not None:
+            block.wait(5)
+
+    kube._watch_lines = lines  # type: ignore[method-assign]
+    return kube
+
+
+def test_a_watch_the_server_ended_ends_quietly_and_a_consumer_that_stops_ends_the_reader() -> None:
+    events = [("ADDED", {"metadata": {"name": str(i)}}) for i in range(50)]
+
+    async def read_all(kube: Kube) -> list[tuple[str, dict[str, Any]]]:
+        return [e async for e in kube.watch_objects("/p", None, "1")]
+
+    released = _Released()
+    # no error from shutting down what the reader released already (it used to end every watch with a relist)
+    assert asyncio.run(read_all(_kube_with_stream(events, released))) == events
+
+    class Open:
+        shut = 0
+
+        def shutdown(self) -> None:
+            self.shut += 1
+            gate.set()
+
+    gate, response = threading.Event(), Open()
+
+    async def first_only(kube: Kube) -> tuple[str, dict[str, Any]]:
+        async for event in kube.watch_objects("/p", None, "1"):
+            return event
+        raise AssertionError("no event")
+
+    assert asyncio.run(first_only(_kube_with_stream(events, response, gate))) == events[0]
+    assert response.shut == 1  # the reader, still blocked on the stream, was released

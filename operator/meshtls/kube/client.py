@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import contextlib
 import datetime as dt
 import functools
 import json
@@ -195,13 +196,14 @@ class Kube:
 
     def _request(self, method: str, path: str, body: Any = None, content_type: str = JSON) -> Any:
         """One request with plain JSON in and out: the typed APIs' model (de)serialisation and argument validation
-        cost more CPU than the request itself on the hot path. Errors raise ApiException, as the typed APIs do."""
+        cost more CPU than the request itself on the hot path. Errors raise ApiException, as the typed APIs do.
+        Only a GET's answer is parsed: a write's echo of the object (a whole Secret) is never looked at."""
         response = self._send(method, path, json.dumps(body).encode() if body is not None else None, content_type)
         data = response.data
         if not 200 <= response.status <= 299:
             raise ApiException(status=response.status, reason=response.reason,
                                body=data.decode(errors="replace") if data else "")
-        return json.loads(data) if data else None
+        return json.loads(data) if data and method == "GET" else None
 
     # --- list and watch, plain (the hot resources are followed outside kopf: controller/watching.py) ------------
 
@@ -288,8 +290,10 @@ class Kube:
                         raise item
                     yield item
         finally:
-            for response in responses:  # a consumer that stops early ends the reader's blocking read
-                response.shutdown() if hasattr(response, "shutdown") else response.close()
+            if reader.is_alive():  # a consumer that stops early ends the reader's blocking read
+                for response in responses:
+                    with contextlib.suppress(Exception):  # the reader may have released it meanwhile
+                        response.shutdown() if hasattr(response, "shutdown") else response.close()
 
     def _request_translated(self, method: str, path: str, body: Any = None, content_type: str = JSON) -> Any:
         try:
