@@ -199,7 +199,9 @@ def run(bench: Bench) -> dict[str, Any]:
         "operator_cpu_ms_per_identity": meshtls["issuer_cpu_ms_per_identity"],
         "goals": {  # issue #16's
             "at_most_3_writes_per_issuance": meshtls["writes_per_identity"] <= 3,
-            "no_read_per_issuance": meshtls["reads_per_identity"] == 0,
+            # the operator's own GETs (its counter): a few per namespace (its bundle, the overlap listing), none per
+            # identity; the API server also counts kube-controller-manager's GC reading each new Secret's owner
+            "no_read_per_issuance": meshtls["operator_reads_per_identity"] <= 0.01,
             "cpu_at_most_4ms_per_issuance": meshtls["issuer_cpu_ms_per_identity"] <= 4,
             "at_least_0_9_of_the_floor": bool(floor_rate) and mesh_rate >= 0.9 * floor_rate,
         },
