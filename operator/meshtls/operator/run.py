@@ -6,6 +6,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import sys
 
 import kopf
 
@@ -25,9 +26,15 @@ def _few_malloc_arenas(arenas: int = 2) -> None:
         pass
 
 
+# The admission webhook's thread waits for the GIL behind the event loop and the API threads: at CPython's default
+# 5 ms switch interval an admission, which needs it several times, waited ~100 ms on a busy operator.
+GIL_SWITCH_INTERVAL = 0.0005  # seconds
+
+
 def run_operator(options: OperatorOptions, verbose: bool = False) -> None:
     OPTIONS.__dict__.update(options.__dict__)
     _few_malloc_arenas()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
     if options.kubeconfig:  # before kopf logs in
         use_kubeconfig(options.kubeconfig)
     logging.getLogger("kubernetes").setLevel(logging.WARNING)
