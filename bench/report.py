@@ -71,20 +71,18 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
         first = rot["first_rotations_per_minute"]
         axes[0].bar(range(len(first)), first, color="tab:blue", label="rotations in the minute")
         axes[0].axhline(rot["average_minute"], color="k", ls="--", label=f"average minute ({rot['average_minute']})")
-        axes[0].axhline(2 * rot["average_minute"], color="tab:red", ls=":", label="goal: 2x average")
         axes[0].set_title(f"First rotation of {rot['identities']} identities (measured)")
         axes[0].set_xlabel("minutes after the first issuance")
         axes[0].set_ylabel("rotations per minute")
         axes[0].legend(fontsize=8)
-        cur = rot["simulated_24h_current_rule"]
-        prop = rot["simulated_24h_first_renewal_uniform"]
-        axes[1].plot(cur["last_hour_per_minute"], label=f"current rule ({cur['last_hour_ratio']}x)", color="tab:blue")
-        low = rot.get("first_renewal_uniform_from", 0.1)
-        axes[1].plot(prop["last_hour_per_minute"], label=f"first renewal in [{low}, 2/3] ({prop['last_hour_ratio']}x)",
-                     color="tab:green")
-        axes[1].axhline(cur["last_hour_average_minute"], color="k", ls="--", label="average minute")
-        axes[1].set_title("Hour 24 (simulated with the operator's renewal rule)")
-        axes[1].set_xlabel("minute of the hour")
+        day = (results.get("steady") or {}).get("simulated_day") or {}
+        if day.get("per_minute"):
+            axes[1].plot(day["per_minute"], color="tab:blue", lw=0.6,
+                         label=f"rotations per minute (busiest {day['busiest_to_average']}x the average)")
+            axes[1].axhline(day["average_minute"], color="k", ls="--", label="average minute")
+            axes[1].axhline(1.5 * day["average_minute"], color="tab:red", ls=":", label="goal: 1.5x average")
+        axes[1].set_title("One simulated day (the operator's renewal_time)")
+        axes[1].set_xlabel("minute of the day")
         axes[1].legend(fontsize=8)
         for ax in axes:
             ax.grid(alpha=0.3)
