@@ -162,11 +162,17 @@ def _delete_options(uid: str) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}}
 
 
+def _uncounted(verb: str, namespace: str, resource: str) -> None:
+    pass
+
+
 class Kube:
+    # every request this client sends, counted where all of them pass (the typed APIs and the plain ones); the
+    # operator counts, the CLI's subclass (which skips this __init__) does not
+    on_request: Callable[[str, str, str], None] = staticmethod(_uncounted)
+
     def __init__(self, api_client: client.ApiClient, threads: int = 16) -> None:
         self.api_client = api_client
-        # every request this client sends, counted where all of them pass (the typed APIs and the plain ones)
-        self.on_request: Callable[[str, str, str], None] = lambda verb, namespace, resource: None
         send = api_client.call_api
 
         def counted(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
