@@ -42,7 +42,7 @@ class Knobs:
     """Scale of a run, from the environment (MESHTLS_BENCH_*)."""
 
     n: int = 1000  # identities issued at once, and floor objects; also the revocation storm
-    steady_n: int = 2000  # identities held in the steady-state section (issuance's + the rest)
+    steady_n: int = 10_000  # identities held in the steady-state section (twice: one namespace, then 50)
     namespaces: int = 4  # the issuance batch is spread over this many namespaces (each gets a bundle)
     workers: int = 16  # client threads creating/deleting objects (and the floor's workers)
     idle_seconds: int = 60  # steady-state CPU sampling window

@@ -142,7 +142,11 @@ class Bench:
     def start_operator(self) -> OperatorProcess:
         assert self.cluster is not None
         say("starting the meshtls operator")
-        self.operator = OperatorProcess(self.cluster.kubeconfig, self.out, name="operator")
+        from e2e.operator_process import free_port
+
+        # as installed: with its webhook, which sets the finalizer at admission (Ignore: never blocks a create)
+        self.operator = OperatorProcess(self.cluster.kubeconfig, self.out, name="operator", extra_args=[
+            "--webhook-port", str(free_port()), "--webhook-failure-policy", "Ignore"])
         self.operator.start(timeout=60)
         return self.operator
 

@@ -138,10 +138,34 @@ def run_meshtls(bench: Bench) -> dict[str, Any]:
     result = measure(bench, "meshtls", bench.operator.proc.pid, keys, {"trustDomain": TRUST_DOMAIN}, TRUST_DOMAIN,
                      profile=bench.out / "operator-issuance.pyspy.txt")
     result["namespaces"] = namespaces
+    # the operator's own count (meshtls_api_requests_total): its reads apart from the garbage collector's, the GETs
+    # of the request-race fix (an event that waited on the lock) included
+    own = operator_requests(bench.operator.metrics())
+    own_before = operator_requests(metrics_before)
+    delta = {k: v - own_before.get(k, 0) for k, v in own.items() if v - own_before.get(k, 0)}
+    result["operator_requests"] = delta
+    result["operator_reads_per_identity"] = round(sum(v for k, v in delta.items() if k.startswith("GET ")) / n, 3)
+    result["operator_identity_gets"] = delta.get("GET workloadidentities", 0)
+    result["operator_writes_per_identity"] = round(
+        sum(v for k, v in delta.items() if k.split()[0] in ("POST", "PUT", "PATCH", "DELETE")) / n, 3)
     result["operator_metrics_before"] = _issued(metrics_before)
     result["operator_metrics_after"] = _issued(bench.operator.metrics())
     bench.issued_keys = keys  # type: ignore[attr-defined]
     return result
+
+
+def operator_requests(text: str) -> dict[str, int]:
+    """meshtls_api_requests_total by "VERB resource" outside the operator's namespace, from its /metrics."""
+    import re
+
+    out: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("meshtls_api_requests_total{"):
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', line[:line.index("}")]))
+            if labels.get("scope") != "operator":  # the trust domains' state in its own namespace, polled
+                key = f"{labels['verb']} {labels['resource']}"
+                out[key] = out.get(key, 0) + int(float(line.rsplit(" ", 1)[1]))
+    return out
 
 
 def _issued(text: str) -> dict[str, float]:
@@ -172,10 +196,14 @@ def run(bench: Bench) -> dict[str, Any]:
         "ratio_to_floor": round(mesh_rate / floor_rate, 3) if floor_rate else None,
         "writes_per_identity": meshtls["writes_per_identity"],
         "reads_per_identity": meshtls["reads_per_identity"],
-        "goals": {
-            "rate_at_least_200_per_s": mesh_rate >= 200,
-            "at_least_half_the_floor": bool(floor_rate) and mesh_rate >= floor_rate / 2,
-            "at_most_4_writes_per_issuance": meshtls["writes_per_identity"] <= 4,
+        "operator_cpu_ms_per_identity": meshtls["issuer_cpu_ms_per_identity"],
+        "goals": {  # issue #16's
+            "at_most_3_writes_per_issuance": meshtls["writes_per_identity"] <= 3,
+            # the operator's own GETs (its counter): a few per namespace (its bundle, the overlap listing), none per
+            # identity; the API server also counts kube-controller-manager's GC reading each new Secret's owner
+            "no_read_per_issuance": meshtls["operator_reads_per_identity"] <= 0.01,
+            "cpu_at_most_4ms_per_issuance": meshtls["issuer_cpu_ms_per_identity"] <= 4,
+            "at_least_0_9_of_the_floor": bool(floor_rate) and mesh_rate >= 0.9 * floor_rate,
         },
     }
     return {"meshtls": meshtls, "floor": floor, "summary": summary}

@@ -125,6 +125,7 @@ def run(bench: Bench) -> dict[str, Any]:
         "bundles": len(bundles.serials),
         "delete_seconds": round(t_deleted - t0, 2),
         "seconds_until_every_crl": round(t_crl - t0, 2) if t_crl else None,
+        "seconds_after_last_delete": round(max(0.0, t_crl - t_deleted), 2) if t_crl else None,
         "seconds_until_all_identities_gone": round(t_gone - t0, 2) if gone else None,
         "secrets_left": left,
         "configmap_writes": sum(v for k, v in delta.items() if k in ("PUT configmaps", "POST configmaps")),
@@ -137,6 +138,7 @@ def run(bench: Bench) -> dict[str, Any]:
         "reads_per_identity": round(reads / len(keys), 2),
         "writes_per_identity": round(writes / len(keys), 2),
         "bundle_updates_seen": bundles.updates,
+        "goals": {"crl_within_5s": t_crl is not None and t_crl - t_deleted <= 5},  # issue #16's
     }
     say(f"revocation: every serial on every CRL after {result['seconds_until_every_crl']} s; all identities gone "
         f"after {result['seconds_until_all_identities_gone']} s; {result['configmap_writes']} ConfigMap writes, "

@@ -3,7 +3,7 @@
 Knobs (environment):
   MESHTLS_BENCH_SMALL=1 (or MESHTLS_BENCH_SMOKE=1)  CI smoke size (N=50, small data plane; < 3 minutes)
   MESHTLS_BENCH_N=1000            identities issued at once, floor objects, revocation storm
-  MESHTLS_BENCH_STEADY_N=2000     identities held during the steady-state section (use 10000 for the real thing)
+  MESHTLS_BENCH_STEADY_N=10000    identities held in the steady-state section (once in one namespace, once over 50)
   MESHTLS_BENCH_NAMESPACES=4      namespaces the issuance batch spreads over (one trust bundle each)
   MESHTLS_BENCH_WORKERS=16        client threads (and the floor's workers)
   MESHTLS_BENCH_IDLE_SECONDS=60   steady-state CPU window

@@ -309,14 +309,19 @@ def test_webhook_template_matches_what_the_operator_writes(cluster: Cluster, tmp
     from meshtls.injection.webhook import webhook_definitions
     from meshtls.operator.settings import OperatorOptions
 
-    for policy in ("Ignore", "Fail"):
-        values = write_values(tmp_path / "values.yaml", {"webhook": {"failurePolicy": policy}})
+    # the identity finalizer's rule follows the namespaces served: the chart's list (deduplicated) or all of them
+    for policy, scope, namespaces in (("Ignore", {}, ["default"]), ("Fail", {}, ["default"]),
+                                      ("Ignore", {"workloadNamespaces": ["b", "a", "b"]}, ["b", "a"]),
+                                      ("Fail", {"clusterWide": True}, [])):
+        values = write_values(tmp_path / "values.yaml", {"webhook": {"failurePolicy": policy}, **scope})
         docs = render(cluster, "meshtls", "mesh-ops", values, "--show-only",
                       "templates/mutatingwebhookconfiguration.yaml")
         assert len(docs) == 1 and docs[0]["metadata"]["name"] == INJECTOR
         expected = webhook_definitions(OperatorOptions(operator_namespace="mesh-ops", webhook_port=9443,
                                                        webhook_service="meshtls-webhook",
-                                                       webhook_failure_policy=policy), b"")
+                                                       webhook_failure_policy=policy, namespaces=namespaces), b"")
         for webhook in expected:
             webhook["clientConfig"] = {k: v for k, v in webhook["clientConfig"].items() if k != "caBundle"}
         assert docs[0]["webhooks"] == expected
+        identity_hooks = [h for h in expected if h["rules"][0]["resources"] == ["workloadidentities"]]
+        assert [h["failurePolicy"] for h in identity_hooks] == ["Ignore"]  # a down webhook never blocks users

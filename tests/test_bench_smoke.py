@@ -95,11 +95,49 @@ def test_report_renders_from_results(tmp_path: Path) -> None:
         "machine": {"cpus": 2, "commit": "abc", "operator_changes_not_committed": []},
         "knobs": {"n": 10, "steady_n": 20, "namespaces": 1, "workers": 4, "idle_seconds": 1, "small": True},
         "issuance": {"meshtls": side, "floor": side, "summary": {
-            "identities_per_second": 10.0, "ratio_to_floor": 1.0, "writes_per_identity": 4.0,
-            "goals": {"rate_at_least_200_per_s": False, "at_least_half_the_floor": True,
-                      "at_most_4_writes_per_issuance": True}}},
+            "identities_per_second": 10.0, "floor_identities_per_second": 10.0, "ratio_to_floor": 1.0,
+            "writes_per_identity": 4.0, "reads_per_identity": 1.0,
+            "goals": {"at_most_3_writes_per_issuance": False, "no_read_per_issuance": False,
+                      "cpu_at_most_4ms_per_issuance": False, "at_least_0_9_of_the_floor": True}}},
     }
     (tmp_path / "results.json").write_text(json.dumps(results))
     report.write(results, tmp_path)
     text = (tmp_path / "report.md").read_text()
     assert "## 1. Issuance" in text and "**not met**" in text
+
+
+def test_report_merges_the_parts_of_a_reference_run(tmp_path: Path) -> None:
+    """results.json plus results-<part>.json: each part's sections replace the base's; the header is the issuance
+    part's."""
+    (tmp_path / "results.json").write_text(json.dumps({
+        "machine": {"commit": "old"}, "knobs": {"n": 1}, "errors": {}, "issuance": {"old": True},
+        "dataplane": {"kept": True}}))
+    (tmp_path / "results-operator.json").write_text(json.dumps({
+        "machine": {"commit": "new"}, "knobs": {"n": 1000}, "started": "t", "errors": {"steady": "x"},
+        "issuance": {"new": True}, "steady": {"s": 1}}))
+    merged = report.load(tmp_path)
+    assert merged["issuance"] == {"new": True} and merged["steady"] == {"s": 1}
+    assert merged["dataplane"] == {"kept": True}
+    assert merged["machine"]["commit"] == "new" and merged["knobs"]["n"] == 1000
+    assert merged["errors"] == {"steady": "x"}
+    assert merged["parts"]["results-operator.json"]["sections"] == ["issuance", "steady"]
+
+
+def test_a_simulated_day_starts_at_each_real_first_renewal_and_follows_the_operators_rule() -> None:
+    from bench.steady import simulate_day
+
+    t0 = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+
+    def item(i: int) -> dict[str, object]:
+        issued = t0 + dt.timedelta(seconds=i)
+        first = issued + dt.timedelta(minutes=10 + (i % 30))
+        return {"status": {"notBefore": (issued - dt.timedelta(seconds=30)).isoformat().replace("+00:00", "Z"),
+                           "renewalTime": first.isoformat().replace("+00:00", "Z")}}
+
+    day = simulate_day([item(i) for i in range(200)])
+    assert day["identities"] == 200
+    # 24 h of renewals at ~2/3 h each (jitter earlier, up to 5 % of the lifetime): 35-38 per identity
+    assert 200 * 35 <= day["rotations"] <= 200 * 38
+    assert day["average_minute"] == round(day["rotations"] / 1440, 1)
+    assert day["busiest_minute"] >= day["average_minute"] and day["busiest_to_average"] >= 1
+    assert sum(day["per_minute"]) == day["rotations"]

@@ -338,9 +338,8 @@ async def _issue(op: Operator, resolved: _Resolved, state: IdentityState, decisi
                    f" (in {format_duration(cert.not_after - now)}): {decision.message}")
     await op.post_event(body, "Normal", reason, message)
     log.info("%s/%s %s: %s", namespace, name, reason, message)
-    metrics.expiration.labels(namespace, name, str(identity.spiffe_id)).set(cert.not_after.timestamp())
-    metrics.renewal.labels(namespace, name, str(identity.spiffe_id)).set(issuance.renewal_time.timestamp())
-    metrics.ready.labels(namespace, name, str(identity.spiffe_id)).set(1)
+    metrics.record_identity(namespace, name, str(identity.spiffe_id), cert.not_after.timestamp(),
+                            issuance.renewal_time.timestamp())
     op.scheduler.schedule(resolved.key, issuance.renewal_time)
     return False
 

@@ -47,10 +47,8 @@ def is_ready(status: dict[str, Any]) -> bool:
 
 def record_metrics(namespace: str, name: str, spiffe_id: str, state: IdentityState, due: dt.datetime) -> None:
     cert = state.certificate().certificate
-    if cert is not None:
-        metrics.expiration.labels(namespace, name, spiffe_id).set(cert.not_valid_after_utc.timestamp())
-    metrics.renewal.labels(namespace, name, spiffe_id).set(due.timestamp())
-    metrics.ready.labels(namespace, name, spiffe_id).set(1)
+    metrics.record_identity(namespace, name, spiffe_id, cert.not_valid_after_utc.timestamp() if cert is not None
+                            else None, due.timestamp())
 
 
 def status_from_secret(status: dict[str, Any], state: IdentityState, message: str,

@@ -68,9 +68,19 @@ class Operator:
     background: set[asyncio.Task[None]] = field(default_factory=set)
     paused: bool = False  # kopf peering: a live peer with a higher priority acts instead of this replica
     default_data_plane: DataPlane = DEFAULT_DATA_PLANE  # when neither an identity nor its TrustDomain names one
+    paused: bool = False  # kopf peering: a live peer with a higher priority acts instead of this replica; set_paused
+    # the same, for whoever waits on it (controller/watching.py's watches stand still while paused)
+    acting: asyncio.Event = field(default_factory=asyncio.Event)
+    standing_by: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.scheduler = RenewalScheduler(self.clock, self.reconcile_key)
+        self.set_paused(self.paused)
+
+    def set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        (self.standing_by if paused else self.acting).set()
+        (self.acting if paused else self.standing_by).clear()
 
     async def reconcile_key(self, key: Key) -> None:
         if self.paused:  # a peer with a higher priority acts; look again later, it may be gone by then
@@ -109,7 +119,7 @@ async def follow_peering(op: Operator, name: str, priority: int, namespaces: lis
             paused = any(outranked_by_live_peer(status, priority, now) for status in statuses)
             if paused != op.paused:
                 log.info("peering %s: %s", name, "standing by for a higher-priority peer" if paused else "acting")
-                op.paused = paused
+                op.set_paused(paused)
                 if not paused:
                     op.handled.clear()  # kopf re-lists on resume: reconcile everything once
         except Exception as exc:

@@ -9,22 +9,33 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import concurrent.futures
 import datetime as dt
 import json
 import logging
 import ssl
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
 from aiohttp import web
 
-from meshtls.api.constants import LABEL_INJECT_NAMESPACE, LABEL_INJECT_POD, LABEL_MANAGED_BY, MANAGED_BY
+from meshtls.api.constants import (
+    GROUP,
+    LABEL_INJECT_NAMESPACE,
+    LABEL_INJECT_POD,
+    LABEL_MANAGED_BY,
+    MANAGED_BY,
+    VERSION,
+    WORKLOAD_IDENTITIES,
+)
 from meshtls.api.model import DataPlane, TrustDomainSpec, parse_trust_domain, parse_workload_identity, resolve_identity
 from meshtls.api.names import WEBHOOK_CONFIGURATION, WEBHOOK_TLS_SECRET
 from meshtls.api.objects import SecretSnapshot
 from meshtls.injection.admission import Lookup, review_pod_admission
+from meshtls.injection.identity_admission import FINALIZER_PATH, review_identity_admission
 from meshtls.injection.render import injection_target
 from meshtls.injection.target import InjectionOptions, InjectionTarget
 from meshtls.injection.targets import TargetIndex
@@ -50,17 +61,23 @@ class WebhookSettings(Protocol):
     webhook_service: str | None
     webhook_failure_policy: str
     default_data_plane: str
+    namespaces: list[str]  # empty: every namespace
 
 
 def webhook_definitions(options: WebhookSettings, ca_bundle: bytes) -> list[dict[str, Any]]:
-    """Two webhooks, one per opt-in path (namespace label, pod label): selectors are ANDed within one."""
-    if options.webhook_service:
-        client_config: dict[str, Any] = {"service": {"name": options.webhook_service,
-                                                     "namespace": options.operator_namespace, "path": PATH,
-                                                     "port": 443}}
-    else:
-        client_config = {"url": f"https://{options.webhook_host}:{options.webhook_port}{PATH}"}
-    client_config["caBundle"] = base64.b64encode(ca_bundle).decode()
+    """Two webhooks for pods, one per opt-in path (namespace label, pod label): selectors are ANDed within one.
+    A third sets meshtls's finalizer on every WorkloadIdentity created in the namespaces served (one PATCH less per
+    identity); it is always failurePolicy Ignore: while it is down, the operator adds the finalizer itself."""
+
+    def client_config(path: str) -> dict[str, Any]:
+        if options.webhook_service:
+            config: dict[str, Any] = {"service": {"name": options.webhook_service,
+                                                  "namespace": options.operator_namespace, "path": path, "port": 443}}
+        else:
+            config = {"url": f"https://{options.webhook_host}:{options.webhook_port}{path}"}
+        config["caBundle"] = base64.b64encode(ca_bundle).decode()
+        return config
+
     excluded = {"key": "kubernetes.io/metadata.name", "operator": "NotIn",
                 "values": [*SYSTEM_NAMESPACES, options.operator_namespace]}
     common = {
@@ -70,7 +87,7 @@ def webhook_definitions(options: WebhookSettings, ca_bundle: bytes) -> list[dict
         "failurePolicy": options.webhook_failure_policy,
         "reinvocationPolicy": "Never",
         "matchPolicy": "Equivalent",
-        "clientConfig": client_config,
+        "clientConfig": client_config(PATH),
         "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"], "resources": ["pods"],
                    "scope": "Namespaced"}],
     }
@@ -84,6 +101,15 @@ def webhook_definitions(options: WebhookSettings, ca_bundle: bytes) -> list[dict
          "namespaceSelector": {"matchExpressions": [
              excluded, {"key": LABEL_INJECT_NAMESPACE, "operator": "NotIn", "values": ["enabled"]}]},
          "objectSelector": {"matchLabels": {LABEL_INJECT_POD: "true"}}},
+        {**common, "name": "finalizer.identities.meshtls.dev", "failurePolicy": "Ignore",
+         "clientConfig": client_config(FINALIZER_PATH),
+         "rules": [{"apiGroups": [GROUP], "apiVersions": [VERSION], "operations": ["CREATE"],
+                    "resources": [WORKLOAD_IDENTITIES], "scope": "Namespaced"}],
+         # only where this operator serves identities: elsewhere nobody would ever remove the finalizer
+         "namespaceSelector": {"matchExpressions": [
+             {"key": "kubernetes.io/metadata.name", "operator": "In", "values": sorted(set(options.namespaces))}]}
+         if options.namespaces else {},
+         "objectSelector": {}},
     ]
 
 
@@ -181,11 +207,32 @@ class InjectionWebhook:
         context = self.context
         app = web.Application(client_max_size=4 * 1024 * 1024)
         app.router.add_post(PATH, self.handle)
+        app.router.add_post(FINALIZER_PATH, self.handle_identity)
         app.router.add_get("/healthz", _healthz)
-        self.runner = web.AppRunner(app, access_log=None)
-        await self.runner.setup()
         bind = "0.0.0.0" if self.options.webhook_service else self.options.webhook_host
-        await web.TCPSite(self.runner, bind, self.options.webhook_port, ssl_context=context).start()
+        # Served from a thread and event loop of its own: the API server waits on every admission (each identity
+        # created, each opted-in pod), and on the operator's loop, busy issuing, it waited ~190 ms per call.
+        self.loop = asyncio.new_event_loop()
+        serving: concurrent.futures.Future[None] = concurrent.futures.Future()
+
+        async def listen() -> None:
+            self.runner = web.AppRunner(app, access_log=None)
+            await self.runner.setup()
+            await web.TCPSite(self.runner, bind, self.options.webhook_port, ssl_context=context).start()
+
+        def serve() -> None:
+            asyncio.set_event_loop(self.loop)
+            try:
+                self.loop.run_until_complete(listen())
+            except BaseException as exc:
+                serving.set_exception(exc)
+                return
+            serving.set_result(None)
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=serve, name="webhook", daemon=True)
+        self.thread.start()
+        await asyncio.wrap_future(serving)
         await self._apply_configuration(ca)
         self.ca = ca
         self.renewer = asyncio.create_task(self._keep_certificate_fresh(clock))
@@ -218,7 +265,9 @@ class InjectionWebhook:
         if getattr(self, "renewer", None) is not None:
             self.renewer.cancel()
         if self.runner is not None:
-            await self.runner.cleanup()
+            await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop))
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            await asyncio.to_thread(self.thread.join, 5)
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.read()
@@ -242,6 +291,10 @@ class InjectionWebhook:
             task = asyncio.create_task(self._post_event(body, *outcome.event))
             self._events.add(task)
             task.add_done_callback(self._events.discard)
+        return web.json_response(outcome.response, status=outcome.http_status)
+
+    async def handle_identity(self, request: web.Request) -> web.Response:
+        outcome = review_identity_admission(await request.read())
         return web.json_response(outcome.response, status=outcome.http_status)
 
     async def _targets_from_api(self, namespace: str, service_account: str) -> list[InjectionTarget]:

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
+import contextlib
 import datetime as dt
 import functools
+import json
 import os
-from collections.abc import Callable, Mapping
+import threading
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -30,11 +36,17 @@ from meshtls.api.constants import (
 from meshtls.api.objects import ABSENT, SecretSnapshot
 
 T = TypeVar("T")
+JSON = "application/json"
 JSON_PATCH = "application/json-patch+json"
+MERGE_PATCH = "application/merge-patch+json"
 
 
 class NotFound(Exception):
     pass
+
+
+class Gone(Exception):
+    """A watch's resourceVersion is too old to resume from (410): list again."""
 
 
 class Conflict(Exception):
@@ -52,8 +64,8 @@ def _translate(exc: ApiException) -> Exception:
         return NotFound(exc.reason)
     if exc.status == 409:
         return Conflict(exc.reason)
-    import json
-
+    if exc.status == 410:
+        return Gone(exc.reason)
     try:
         message = json.loads(exc.body or "{}").get("message", exc.reason)
     except ValueError:
@@ -111,9 +123,63 @@ def _encode(data: Mapping[str, bytes]) -> dict[str, str]:
     return {k: base64.b64encode(v).decode() for k, v in data.items()}
 
 
+def request_target(url: str) -> tuple[str, str]:
+    """(namespace or "", resource with its subresource) a request URL addresses: ("ns", "workloadidentities/status")."""
+    path = url.split("://", 1)[-1].split("?", 1)[0]
+    parts = [p for p in path.split("/")[1:] if p]  # the host dropped
+    if parts[:1] == ["api"]:
+        parts = parts[2:]
+    elif parts[:1] == ["apis"]:
+        parts = parts[3:]
+    namespace = ""
+    if len(parts) > 2 and parts[0] == "namespaces":
+        namespace, parts = parts[1], parts[2:]
+    if not parts:
+        return namespace, ""
+    return namespace, parts[0] if len(parts) < 3 else f"{parts[0]}/{parts[2]}"
+
+
+def request_resource(url: str) -> str:
+    """The resource a request URL addresses, with its subresource: "secrets", "workloadidentities/status"."""
+    return request_target(url)[1]
+
+
+def _identity_path(namespace: str, name: str) -> str:
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{WORKLOAD_IDENTITIES}/{name}"
+
+
+def identities_path(namespace: str | None) -> str:
+    """The WorkloadIdentity collection of one namespace, or of the cluster (None)."""
+    scope = f"/namespaces/{namespace}" if namespace else ""
+    return f"/apis/{GROUP}/{VERSION}{scope}/{WORKLOAD_IDENTITIES}"
+
+
+def secrets_path(namespace: str | None) -> str:
+    return f"/api/v1/namespaces/{namespace}/secrets" if namespace else "/api/v1/secrets"
+
+
+def _delete_options(uid: str) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "DeleteOptions", "preconditions": {"uid": uid}}
+
+
+def _uncounted(verb: str, namespace: str, resource: str) -> None:
+    pass
+
+
 class Kube:
+    # every request this client sends, counted where all of them pass (the typed APIs and the plain ones); the
+    # operator counts, the CLI's subclass (which skips this __init__) does not
+    on_request: Callable[[str, str, str], None] = staticmethod(_uncounted)
+
     def __init__(self, api_client: client.ApiClient, threads: int = 16) -> None:
         self.api_client = api_client
+        send = api_client.call_api
+
+        def counted(method: str, url: str, *args: Any, **kwargs: Any) -> Any:
+            self.on_request(method, *request_target(url))
+            return send(method, url, *args, **kwargs)
+
+        api_client.call_api = counted  # type: ignore[method-assign]
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.admission = client.AdmissionregistrationV1Api(api_client)
@@ -124,12 +190,136 @@ class Kube:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
 
+    def _send(self, method: str, path: str, body: bytes | None, content_type: str, preload: bool = True,
+              timeout: Any = None) -> Any:
+        """One HTTP request on the client's connection pool (its TLS, proxy and retry settings), counted."""
+        headers = {"Accept": JSON, "Content-Type": content_type}
+        self.api_client.update_params_for_auth(headers, [], ["BearerToken"], path, method, body)
+        url = self.api_client.configuration.host + path
+        self.on_request(method, *request_target(url))
+        return self.api_client.rest_client.pool_manager.request(method, url, body=body, headers=headers,
+                                                                preload_content=preload, timeout=timeout)
+
+    def _request(self, method: str, path: str, body: Any = None, content_type: str = JSON) -> Any:
+        """One request with plain JSON in and out: the typed APIs' model (de)serialisation and argument validation
+        cost more CPU than the request itself on the hot path. Errors raise ApiException, as the typed APIs do.
+        Only a GET's answer is parsed: a write's echo of the object (a whole Secret) is never looked at."""
+        response = self._send(method, path, json.dumps(body).encode() if body is not None else None, content_type)
+        data = response.data
+        if not 200 <= response.status <= 299:
+            raise ApiException(status=response.status, reason=response.reason,
+                               body=data.decode(errors="replace") if data else "")
+        return json.loads(data) if data and method == "GET" else None
+
+    # --- list and watch, plain (the hot resources are followed outside kopf: controller/watching.py) ------------
+
+    def list_objects(self, path: str, label_selector: str | None = None,
+                     page: int = 500) -> tuple[list[dict[str, Any]], str]:
+        """Every object of a collection (paged: a bounded response each time) and the list's resourceVersion."""
+        items: list[dict[str, Any]] = []
+        cont = ""
+        version = ""
+        while True:
+            query = {"limit": str(page), **({"continue": cont} if cont else {}),
+                     **({"labelSelector": label_selector} if label_selector else {})}
+            result = self._request_translated("GET", f"{path}?{urllib.parse.urlencode(query)}")
+            items += result.get("items") or []
+            meta = result.get("metadata") or {}
+            version = version or str(meta.get("resourceVersion") or "")
+            cont = meta.get("continue") or ""
+            if not cont:
+                return items, version
+
+    def _watch_lines(self, path: str, label_selector: str | None, resource_version: str, timeout: int,
+                     opened: Callable[[Any], None], skip: tuple[bytes, ...] = ()) -> Iterator[tuple[str, Any]]:
+        query = {"watch": "true", "resourceVersion": resource_version, "allowWatchBookmarks": "true",
+                 "timeoutSeconds": str(timeout), **({"labelSelector": label_selector} if label_selector else {})}
+        response = self._send("GET", f"{path}?{urllib.parse.urlencode(query)}", None, JSON, preload=False,
+                              timeout=urllib3.Timeout(connect=10, read=timeout + 30))
+        opened(response)
+        try:
+            if response.status != 200:
+                data = response.read()
+                raise _translate(ApiException(status=response.status, reason=response.reason,
+                                              body=data.decode(errors="replace") if data else ""))
+            for line in response:
+                if not line.strip() or line.startswith(skip):  # the caller ignores these: not even parsed
+                    continue
+                event = json.loads(line)
+                if event.get("type") == "ERROR":  # 410: the version is too old to resume from
+                    status = event.get("object") or {}
+                    raise _translate(ApiException(status=int(status.get("code") or 500),
+                                                  reason=str(status.get("reason") or ""),
+                                                  body=json.dumps(status)))
+                yield str(event.get("type") or ""), event.get("object") or {}
+        finally:
+            response.release_conn()
+
+    async def watch_objects(self, path: str, label_selector: str | None, resource_version: str, timeout: int = 120,
+                            skip: tuple[str, ...] = ()) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """(type, object) as the API server sends them from `resource_version` (BOOKMARK included; event types in
+        `skip` left out unparsed), until the server ends the watch (`timeout` seconds) or the caller stops. A thread
+        of its own reads the stream: a watch lasts minutes and must not hold one of the executor's threads; the
+        events it reads in a burst wake the event loop once. An expired version raises Gone (410)."""
+        loop = asyncio.get_running_loop()
+        arrived: collections.deque[Any] = collections.deque()
+        wake = asyncio.Event()
+        done = object()
+        responses: list[Any] = []
+        prefixes = tuple(f'{{"type":"{t}"'.encode() for t in skip)
+
+        def hand_over(item: Any) -> None:
+            arrived.append(item)
+            if len(arrived) == 1:  # the first since the consumer last emptied it: wake it (once per burst)
+                loop.call_soon_threadsafe(wake.set)
+
+        def read() -> None:
+            try:
+                for item in self._watch_lines(path, label_selector, resource_version, timeout, responses.append,
+                                              prefixes):
+                    hand_over(item)
+                hand_over(done)
+            except BaseException as exc:  # handed to the consumer, which raises it
+                hand_over(exc)
+
+        reader = threading.Thread(target=read, name="kube-watch", daemon=True)
+        reader.start()
+        try:
+            while True:
+                await wake.wait()
+                wake.clear()
+                while arrived:
+                    item = arrived.popleft()
+                    if item is done:
+                        return
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+        finally:
+            if reader.is_alive():  # a consumer that stops early ends the reader's blocking read
+                for response in responses:
+                    with contextlib.suppress(Exception):  # the reader may have released it meanwhile
+                        response.shutdown() if hasattr(response, "shutdown") else response.close()
+
+    def _request_translated(self, method: str, path: str, body: Any = None, content_type: str = JSON) -> Any:
+        try:
+            return self._request(method, path, body, content_type)
+        except ApiException as exc:
+            raise _translate(exc) from None
+
+    def _get(self, path: str) -> dict[str, Any] | None:
+        try:
+            return dict(self._request("GET", path))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
     # --- WorkloadIdentities -------------------------------------------------------------------------------------
 
     @api_call
     def get_workload_identity(self, namespace: str, name: str) -> dict[str, Any] | None:
-        obj = or_none(self.custom.get_namespaced_custom_object, GROUP, VERSION, namespace, WORKLOAD_IDENTITIES, name)
-        return dict(obj) if obj is not None else None
+        return self._get(_identity_path(namespace, name))
 
     @api_call
     def list_workload_identities(self, namespace: str | None = None) -> list[dict[str, Any]]:
@@ -141,16 +331,13 @@ class Kube:
 
     @api_call
     def patch_workload_identity_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
-        self.custom.patch_namespaced_custom_object_status(
-            GROUP, VERSION, namespace, WORKLOAD_IDENTITIES, name, {"status": status}
-        )
+        self._request("PATCH", _identity_path(namespace, name) + "/status", {"status": status}, MERGE_PATCH)
 
     @api_call
     def patch_workload_identity_annotations(self, namespace: str, name: str,
                                             annotations: Mapping[str, str | None]) -> None:
-        self.custom.patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, WORKLOAD_IDENTITIES, name, {"metadata": {"annotations": dict(annotations)}}
-        )
+        self._request("PATCH", _identity_path(namespace, name), {"metadata": {"annotations": dict(annotations)}},
+                      MERGE_PATCH)
 
     @api_call
     def add_workload_identity_finalizer(self, namespace: str, name: str, finalizer: str,
@@ -161,8 +348,7 @@ class Kube:
             ops.append({"op": "add", "path": "/metadata/finalizers/-", "value": finalizer})
         else:
             ops.append({"op": "add", "path": "/metadata/finalizers", "value": [finalizer]})
-        self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, WORKLOAD_IDENTITIES, name, ops,
-                                                   _content_type=JSON_PATCH)
+        self._request("PATCH", _identity_path(namespace, name), ops, JSON_PATCH)
 
     @api_call
     def remove_workload_identity_finalizer(self, namespace: str, name: str, finalizer: str,
@@ -171,8 +357,7 @@ class Kube:
         ops = [{"op": "test", "path": f"/metadata/finalizers/{index}", "value": finalizer},
                {"op": "remove", "path": f"/metadata/finalizers/{index}"}]
         try:
-            self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, WORKLOAD_IDENTITIES, name, ops,
-                                                       _content_type=JSON_PATCH)
+            self._request("PATCH", _identity_path(namespace, name), ops, JSON_PATCH)
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -205,19 +390,19 @@ class Kube:
 
     @api_call
     def read_secret(self, namespace: str, name: str) -> SecretSnapshot:
-        s = or_none(self.core.read_namespaced_secret, name, namespace)
+        s = self._get(f"/api/v1/namespaces/{namespace}/secrets/{name}")
         if s is None:
             return ABSENT
-        meta = s.metadata
+        meta = s.get("metadata") or {}
         return SecretSnapshot(
             exists=True,
-            name=meta.name,
-            data=_decode(s.data),
-            labels=dict(meta.labels or {}),
-            annotations=dict(meta.annotations or {}),
-            owner_uids=tuple(o.uid for o in meta.owner_references or ()),
-            resource_version=meta.resource_version,
-            uid=meta.uid,
+            name=meta.get("name"),
+            data=_decode(s.get("data")),
+            labels=dict(meta.get("labels") or {}),
+            annotations=dict(meta.get("annotations") or {}),
+            owner_uids=tuple(o.get("uid") for o in meta.get("ownerReferences") or ()),
+            resource_version=meta.get("resourceVersion"),
+            uid=meta.get("uid"),
         )
 
     @api_call
@@ -225,18 +410,16 @@ class Kube:
         """Create, or replace in one write guarded by resourceVersion: a concurrent change raises Conflict."""
         namespace, name = body["metadata"]["namespace"], body["metadata"]["name"]
         if not current.exists:
-            self.core.create_namespaced_secret(namespace, body)
+            self._request("POST", f"/api/v1/namespaces/{namespace}/secrets", body)
             return
         body = {**body, "metadata": {**body["metadata"], "resourceVersion": current.resource_version}}
-        self.core.replace_namespaced_secret(name, namespace, body)
+        self._request("PUT", f"/api/v1/namespaces/{namespace}/secrets/{name}", body)
 
     @api_call
     def delete_secret(self, namespace: str, name: str, uid: str) -> None:
         """Delete only that very object (uid precondition): never a same-named Secret created since."""
         try:
-            self.core.delete_namespaced_secret(
-                name, namespace, body=client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid))
-            )
+            self._request("DELETE", f"/api/v1/namespaces/{namespace}/secrets/{name}", _delete_options(uid))
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -245,12 +428,13 @@ class Kube:
 
     @api_call
     def read_configmap(self, namespace: str, name: str) -> dict[str, Any] | None:
-        cm = or_none(self.core.read_namespaced_config_map, name, namespace)
+        cm = self._get(f"/api/v1/namespaces/{namespace}/configmaps/{name}")
         if cm is None:
             return None
-        return {"data": dict(cm.data or {}), "labels": dict(cm.metadata.labels or {}),
-                "annotations": dict(cm.metadata.annotations or {}), "uid": cm.metadata.uid,
-                "resourceVersion": cm.metadata.resource_version}
+        meta = cm.get("metadata") or {}
+        return {"data": dict(cm.get("data") or {}), "labels": dict(meta.get("labels") or {}),
+                "annotations": dict(meta.get("annotations") or {}), "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion")}
 
     @api_call
     def write_configmap(self, namespace: str, name: str, data: Mapping[str, str], labels: Mapping[str, str],
@@ -263,17 +447,17 @@ class Kube:
         if owner is not None:
             body["metadata"]["ownerReferences"] = [{**owner, "controller": True, "blockOwnerDeletion": False}]
         if current is None:
-            self.core.create_namespaced_config_map(namespace, body)
+            self._request("POST", f"/api/v1/namespaces/{namespace}/configmaps", body)
         else:
             body["metadata"]["resourceVersion"] = current["resourceVersion"]
-            self.core.replace_namespaced_config_map(name, namespace, body)
+            self._request("PUT", f"/api/v1/namespaces/{namespace}/configmaps/{name}", body)
 
     @api_call
     def delete_configmap(self, namespace: str, name: str, uid: str | None) -> None:
         """Delete only that very object (uid precondition): never a same-named ConfigMap created since."""
-        options = client.V1DeleteOptions(preconditions=client.V1Preconditions(uid=uid)) if uid else None
         try:
-            self.core.delete_namespaced_config_map(name, namespace, body=options)
+            self._request("DELETE", f"/api/v1/namespaces/{namespace}/configmaps/{name}",
+                          _delete_options(uid) if uid else None)
         except ApiException as exc:
             if exc.status != 404:
                 raise
@@ -295,27 +479,26 @@ class Kube:
     def post_event(self, involved: Mapping[str, Any], type_: str, reason: str, message: str,
                    component: str = "meshtls-operator") -> None:
         """A core/v1 Event, so `kubectl get events --field-selector reason=Rotated` and `describe` show it."""
-        now = dt.datetime.now(dt.UTC)
+        now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         namespace = involved.get("namespace") or "default"
         name = involved["name"]
-        event = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{name}.", namespace=namespace,
-                                         labels={LABEL_MANAGED_BY: MANAGED_BY}),
-            involved_object=client.V1ObjectReference(
-                api_version=involved.get("apiVersion"), kind=involved.get("kind"), name=name,
-                namespace=involved.get("namespace"), uid=involved.get("uid"),
-            ),
-            type=type_,
-            reason=reason,
-            message=message[:1024],
-            source=client.V1EventSource(component=component),
-            reporting_component=component,
-            reporting_instance=os.environ.get("HOSTNAME", component),
-            first_timestamp=now,
-            last_timestamp=now,
-            count=1,
-        )
-        self.core.create_namespaced_event(namespace, event)
+        reference = {"apiVersion": involved.get("apiVersion"), "kind": involved.get("kind"), "name": name,
+                     "namespace": involved.get("namespace"), "uid": involved.get("uid")}
+        event = {
+            "apiVersion": "v1", "kind": "Event",
+            "metadata": {"generateName": f"{name}.", "namespace": namespace, "labels": {LABEL_MANAGED_BY: MANAGED_BY}},
+            "involvedObject": {k: v for k, v in reference.items() if v is not None},
+            "type": type_,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": component},
+            "reportingComponent": component,
+            "reportingInstance": os.environ.get("HOSTNAME", component),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self._request("POST", f"/api/v1/namespaces/{namespace}/events", event)
 
     # --- Secrets in the operator's namespace (the CA) ----------------------------------------------------------
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import datetime as dt
 import logging
@@ -20,22 +19,21 @@ from meshtls.api.constants import (
     MANAGED_BY,
     TRUST_DOMAINS,
     VERSION,
-    WORKLOAD_IDENTITIES,
 )
 from meshtls.api.model import DataPlane
 from meshtls.controller import metrics
-from meshtls.controller.identity import on_identity_event
 from meshtls.controller.runtime import Operator, follow_peering
 from meshtls.controller.scheduler import IdentityKey
 from meshtls.controller.trust.registry import RESYNC, TrustDomains
 from meshtls.controller.trust_domains import reconcile_trust_domain, trust_domain_gone
 from meshtls.controller.trust_watch import follow_trust_secrets, on_bundle_configmap
+from meshtls.controller.watching import follow_identities_and_secrets
+from meshtls.dataplane.layout import CONFIG_FILE
 from meshtls.injection.target import InjectionOptions
 from meshtls.kube import connect
 from meshtls.kube.queries import default_holder, run_heartbeat
 from meshtls.operator.settings import OPTIONS
 from meshtls.policy.clock import SystemClock
-from meshtls.policy.issuance import secret_digest
 
 log = logging.getLogger("meshtls.operator")
 
@@ -46,8 +44,6 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     # identities carry meshtls's own (revoke on delete)
     settings.persistence.finalizer = f"{GROUP}/kopf"
     settings.posting.level = logging.WARNING  # our own Events say what happened; kopf's would double them
-    # Server-side selector: the watch carries only meshtls's Secrets, not every Secret of the cluster (memory, API load)
-    settings.watching.label_selectors["", "v1", "secrets"] = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_IDENTITY}"
     # one watch for both kinds of ConfigMap meshtls writes (sidecar configs, trust bundles): kopf ANDs the selectors
     # set for one resource, so each handler below filters on its own label
     settings.watching.label_selectors["", "v1", "configmaps"] = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
@@ -65,6 +61,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
     else:
         settings.peering.standalone = True
     kube = connect(OPTIONS.kubeconfig)
+    kube.on_request = metrics.request_counter(OPTIONS.operator_namespace)
     clock = SystemClock()
     # how often a trust domain re-reads what it does not watch (federated bundles); tests shorten it
     resync = dt.timedelta(seconds=float(os.environ.get("MESHTLS_TRUST_RESYNC_SECONDS") or RESYNC.total_seconds()))
@@ -72,7 +69,11 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
                                                                OPTIONS.namespaces),
                   default_data_plane=DataPlane(OPTIONS.default_data_plane))
     memo.op = op
+    if OPTIONS.peering:
+        op.set_paused(True)  # as kopf's own watchers: nothing is acted on before peering says this replica acts
     memo.scheduler_task = asyncio.create_task(op.scheduler.run())
+    # identities and their Secrets are watched outside kopf (its per-event machinery cost more than an issuance)
+    memo.watch_task = asyncio.create_task(follow_identities_and_secrets(op, OPTIONS.namespaces))
     memo.trust_watch_task = asyncio.create_task(follow_trust_secrets(op, OPTIONS.operator_namespace))
     if OPTIONS.peering:
         memo.peering_task = asyncio.create_task(follow_peering(op, OPTIONS.peering, OPTIONS.priority,
@@ -94,7 +95,7 @@ async def start(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> N
 
 @kopf.on.cleanup()
 async def stop(memo: kopf.Memo, **_: Any) -> None:
-    for name in ("scheduler_task", "peering_task", "trust_watch_task"):
+    for name in ("scheduler_task", "peering_task", "trust_watch_task", "watch_task"):
         task = memo.get(name)
         if task is not None:
             task.cancel()
@@ -127,21 +128,10 @@ async def trust_domain_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) ->
     await trust_domain_gone(op, str(event["object"]["metadata"]["name"]))
 
 
-# --- WorkloadIdentities ------------------------------------------------------------------------------------------
-
-
+# --- WorkloadIdentities and the Secrets meshtls manages: watched outside kopf (controller/watching.py) ----------
 # kopf's create/update/resume machinery would add two writes per issuance (its finalizer and its last-handled
-# annotation); identities only need "this object changed", so they take the raw event stream and keep their own
-# finalizer, and reconcile() decides from the whole object each time.
-@kopf.on.event(GROUP, VERSION, WORKLOAD_IDENTITIES)
-async def identity_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    op: Operator | None = memo.get("op")
-    if op is None:
-        return
-    await on_identity_event(op, str(event.get("type") or ""), dict(event["object"]))
-
-
-# --- Secrets meshtls manages: repair when deleted or tampered with ----------------------------------------------
+# annotation), and its per-event work cost more CPU than an issuance; identities only need "this object changed",
+# so reconcile() decides from the whole object each time. A managed Secret deleted or tampered with is repaired.
 
 
 def _identity_object(event: kopf.RawEvent, memo: kopf.Memo) -> tuple[Operator, dict[str, Any], IdentityKey] | None:
@@ -152,22 +142,6 @@ def _identity_object(event: kopf.RawEvent, memo: kopf.Memo) -> tuple[Operator, d
     obj: dict[str, Any] = dict(event["object"])
     meta = obj.get("metadata", {})
     return op, obj, IdentityKey(str(meta.get("namespace")), str(meta.get("labels", {}).get(LABEL_IDENTITY)))
-
-
-@kopf.on.event("", "v1", "secrets", labels={LABEL_MANAGED_BY: MANAGED_BY, LABEL_IDENTITY: kopf.PRESENT})
-async def managed_secret_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any) -> None:
-    if (found := _identity_object(event, memo)) is None:
-        return
-    op, obj, key = found
-    if event["type"] == "DELETED":
-        op.scheduler.schedule(key, op.clock.now())
-        return
-    if event["type"] != "MODIFIED":
-        return
-    # judged by content: annotations can be copied; anything but what meshtls wrote or verified is looked at again
-    data = {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
-    if op.secret_digests.get(key) != secret_digest(data):
-        op.scheduler.schedule(key, op.clock.now())
 
 
 # --- sidecar ConfigMaps meshtls renders: restored when edited or deleted ----------------------------------------
