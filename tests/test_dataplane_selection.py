@@ -255,6 +255,8 @@ def test_the_operator_writes_the_chosen_data_planes_files_and_reports_it(td_plan
 
     async def scenario() -> None:
         stored = await apply(op, kube, wid())
+        # the first issuance's one status write carries the data plane (issue #16: no write of its own)
+        assert kube.count("patch_workload_identity_status") == 1
         data = kube.configmaps[("shop", "web-meshtls-proxy")]["data"]
         assert set(data) == ({CONFIG_FILE, *ENVOY_FILES} if expected is DataPlane.ENVOY else {CONFIG_FILE})
         assert stored["status"]["dataPlane"] == expected.value

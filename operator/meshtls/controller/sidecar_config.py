@@ -48,7 +48,8 @@ async def publish_sidecar_config(op: Operator, body: dict[str, Any], identity: E
                 raise SpecError("spec", f"the API server refused sidecar ConfigMap {name}: {exc}",
                                 reason=Reason.SIDECAR_CONFIG_REFUSED) from None
         op.rendered[key] = data
-    if status.get("dataPlane") != identity.data_plane.value:  # the column users read; once per change
+    # the column users read, once per change; before the first certificate the issuance's status write carries it
+    if status.get("serialNumber") and status.get("dataPlane") != identity.data_plane.value:
         await _report_data_plane(op, body, identity.data_plane.value)
     op.targets.put(spec.namespace, injection_target(identity, bundle_config_map))
 

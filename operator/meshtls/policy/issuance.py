@@ -231,6 +231,8 @@ def issued_status(identity: EffectiveIdentity, issuance: Issuance, old_status: d
             condition("Issuing", False, "Issued", "certificate is up to date", now),
         ]),
     }
+    if identity.has_sidecar:  # the DataPlane column, written with the certificate rather than by a write of its own
+        status["dataPlane"] = identity.data_plane.value
     if rotated:
         status["lastRotationTime"] = iso(now)
     if renew_request:
