@@ -28,7 +28,6 @@ from meshtls.controller.trust.registry import RESYNC, TrustDomains
 from meshtls.controller.trust_domains import reconcile_trust_domain, trust_domain_gone
 from meshtls.controller.trust_watch import follow_trust_secrets, on_bundle_configmap
 from meshtls.controller.watching import follow_identities_and_secrets
-from meshtls.dataplane.layout import CONFIG_FILE
 from meshtls.injection.target import InjectionOptions
 from meshtls.kube import connect
 from meshtls.kube.queries import default_holder, run_heartbeat
