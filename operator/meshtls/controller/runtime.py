@@ -66,7 +66,6 @@ class Operator:
     secret_digests: dict[IdentityKey, str] = field(default_factory=dict)
     handled: dict[IdentityKey, tuple[Any, ...]] = field(default_factory=dict)  # last event fingerprint reconciled
     background: set[asyncio.Task[None]] = field(default_factory=set)
-    paused: bool = False  # kopf peering: a live peer with a higher priority acts instead of this replica
     default_data_plane: DataPlane = DEFAULT_DATA_PLANE  # when neither an identity nor its TrustDomain names one
     paused: bool = False  # kopf peering: a live peer with a higher priority acts instead of this replica; set_paused
     # the same, for whoever waits on it (controller/watching.py's watches stand still while paused)
