@@ -70,9 +70,10 @@ class DemoSidecars:
         server = self.sidecars[server_pod].process
         metrics = parse_metrics(server.metrics()) if server is not None else {}
         # meshtls-proxy counts meshtls_proxy_tls_groups_total{group}; Envoy envoy_listener_ssl_curves{envoy_ssl_curve}
+        # (a counter, so prometheus_client's parser names its samples with _total)
         groups = [dict(labels).get("group") or dict(labels)["envoy_ssl_curve"]
                   for (name, labels), value in metrics.items()
-                  if name in ("meshtls_proxy_tls_groups_total", "envoy_listener_ssl_curves") and value > 0]
+                  if name in ("meshtls_proxy_tls_groups_total", "envoy_listener_ssl_curves_total") and value > 0]
         return first, ", ".join(sorted(groups)) or "none"
 
     def stop(self) -> None:
