@@ -46,7 +46,9 @@ CORPUS = Path(__file__).parent / "manifests" / "hostile"
 OPERATOR_NAMESPACE = "meshtls-system"
 REPORT_WITHIN = 10.0  # seconds from creation to a Ready=False condition
 IDLE_WINDOW = 20.0  # seconds of quiet after the corpus, over which the operator's CPU time is measured
-IDLE_CPU_BOUND = 0.2  # CPU seconds in that window (issue #13): 1 % of one core; a spinning reconcile loop burns ~all
+# CPU seconds in that window: 10 % of one core. A spinning reconcile loop burns most of a core (~20 s); the quiet
+# operator measures 0.01-0.14 s, and 0.56 s was seen once on a loaded machine, so 1 % (issue #13's first bound) flaked.
+IDLE_CPU_BOUND = 2.0
 CRDS = Path(__file__).parent.parent / "crds"
 
 

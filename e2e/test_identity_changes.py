@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 IDENTITY_CRD = REPO / "crds" / "workloadidentities.meshtls.dev.yaml"
 SECOND_TRUST_DOMAIN = "e2e-b.meshtls.test"
 SECOND_BUNDLE = "meshtls-bundle-b"
+SPIN_CPU_BOUND = 2.0  # CPU seconds over a 20 s window: a loop that spins burns most of a core
 
 
 def leaf(data: dict[str, bytes]) -> x509.Certificate:
@@ -108,24 +109,29 @@ def test_a_renewal_point_at_issuance_is_refused_by_the_operator_and_never_spins(
     """ttl 1h, renewBefore 59m59s rotated ~10 times a second on d50b0bf. An older CRD (no CEL rule) lets it in; the
     operator's own model refuses it naming the field, once, and nothing is issued. (The run-time re-issue floor behind
     that check is tested over every (ttl, renewBefore, renewAtPercent) class in tests/test_identity_runtime.py.)"""
+    # The older CRD stays in place over the measured window: putting the current one back makes the API server end
+    # every watch on identities, and the operator's relist of all of them is work, not a spin.
     with older_identity_crd(cluster, tmp_path):
         kube.create_identity(namespace, "hot", {"serviceAccountName": "hot", "trustDomain": trust_domain,
                                                 "ttl": "1h", "renewBefore": "59m59s"})
-    ready = wait_for("Ready=False", lambda: (c := condition(kube.identity(namespace, "hot"), "Ready"))
-                     and c.get("status") == "False" and c, 10)
-    assert ready.get("reason") == "InvalidSpec" and "spec.renewBefore" in ready.get("message", ""), ready
-    assert running_operator.proc is not None
-    pid = running_operator.proc.pid
-    cpu_before, version = cpu_seconds(pid), kube.identity(namespace, "hot")["metadata"]["resourceVersion"]
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        assert not kube.secret_data(namespace, "hot-mtls"), "a certificate was issued for a refused renewal point"
-        time.sleep(0.5)
-    cpu = cpu_seconds(pid) - cpu_before
+        ready = wait_for("Ready=False", lambda: (c := condition(kube.identity(namespace, "hot"), "Ready"))
+                         and c.get("status") == "False" and c, 10)
+        assert ready.get("reason") == "InvalidSpec" and "spec.renewBefore" in ready.get("message", ""), ready
+        assert running_operator.proc is not None
+        pid = running_operator.proc.pid
+        cpu_before, version = cpu_seconds(pid), kube.identity(namespace, "hot")["metadata"]["resourceVersion"]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            assert not kube.secret_data(namespace, "hot-mtls"), "a certificate was issued for a refused renewal point"
+            time.sleep(0.5)
+        cpu = cpu_seconds(pid) - cpu_before
     assert kube.identity(namespace, "hot")["metadata"]["resourceVersion"] == version, "status rewritten while idle"
     warnings = kube.events(namespace, reason="InvalidSpec", name="hot")
     assert len(warnings) == 1 and warnings[0].type == "Warning" and (warnings[0].count or 1) == 1, warnings
-    assert cpu < 0.5, f"operator CPU {cpu:.2f} s over 20 s with one refused identity"
+    # What proves "never spins" is above and exact: no certificate, no status write, one Warning. The CPU bound only
+    # catches a loop that writes nothing (one burns most of a core, ~20 s here); it is 10 % of a core because the
+    # operator is shared with the suite and may still be finishing the previous test's namespace (0.74 s seen in CI).
+    assert cpu < SPIN_CPU_BOUND, f"operator CPU {cpu:.2f} s over 20 s with one refused identity"
     print(f"ttl 1h renewBefore 59m59s under an older CRD: refused ({ready.get('message')}), 0 certificates, "
           f"1 Warning, operator CPU {cpu:.2f} s over 20 s")
 
