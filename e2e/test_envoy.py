@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as dt
 import http.client
+import json
 import random
 import re
 import socket
@@ -30,10 +31,12 @@ import pytest
 from kubernetes import client
 from testsupport.envoy import EnvoyContainer
 
+from e2e.harness import Cluster
 from e2e.kube_helpers import Kube, is_ready, wait_for
 from e2e.mesh import Mesh, grpc_echo_server, http_get
 from e2e.operator_process import OperatorProcess, free_port
 from e2e.podrunner import PodSidecar
+from e2e.test_cli import meshtls
 from meshtls.pki import generate_ca, issue_svid, workload_spiffe_id
 
 GROUP, VERSION = "meshtls.dev", "v1alpha1"
@@ -146,7 +149,8 @@ def s_client(openssl: str, port: int, cert: Path | None, key: Path | None, ca: P
     return result.stdout
 
 
-def test_each_pod_gets_the_data_plane_its_identity_resolves_to(envoy_mesh: EnvoyMesh, kube: Kube) -> None:
+def test_each_pod_gets_the_data_plane_its_identity_resolves_to(envoy_mesh: EnvoyMesh, kube: Kube,
+                                                               cluster: Cluster) -> None:
     """The TrustDomain's default (envoy) for most; the identity's own choice (meshtls-proxy) wins for two."""
     for name in (*ENVOY_PODS, *PROXY_PODS):
         plane = "envoy" if name in ENVOY_PODS else "meshtls-proxy"
@@ -155,6 +159,12 @@ def test_each_pod_gets_the_data_plane_its_identity_resolves_to(envoy_mesh: Envoy
         assert sidecar.container.name == ("meshtls-envoy" if plane == "envoy" else "meshtls-proxy")
         config = kube.configmap_data(envoy_mesh.namespace, f"{name}-meshtls-proxy") or {}
         assert ("envoy.yaml" in config) == (plane == "envoy") and "proxy.yaml" in config
+    # what a platform engineer sees: the real CLI against the real API server
+    shown = meshtls(cluster, "status", "-n", envoy_mesh.namespace, "-o", "json")
+    assert shown.returncode == 0, shown.stderr
+    planes = {row["name"]: row["dataPlane"] for row in json.loads(shown.stdout)["items"]}
+    assert all(planes[n] == ("envoy" if n in ENVOY_PODS else "meshtls-proxy") for n in (*ENVOY_PODS, *PROXY_PODS)), \
+        planes
     for name in ENVOY_PODS:  # the injected exec readiness probe, run as the kubelet does
         result = envoy_mesh.envoy(name).ready()
         assert result.returncode == 0, result.stderr

@@ -98,7 +98,15 @@ def test_identity_row_carries_what_the_table_shows_and_raw_seconds() -> None:
     assert row["spiffeID"] == "spiffe://example.org/ns/shop/sa/web"
     assert row["ready"] == "True" and row["serial"] == "ab12" and row["rotations"] == 3
     assert row["expiresInSeconds"] == 2400 and row["renewsInSeconds"] == 1200
-    assert row["secretName"] == "web-mtls"
+    assert row["secretName"] == "web-mtls" and row["dataPlane"] is None
+
+
+def test_the_data_plane_is_shown_as_the_operator_recorded_it() -> None:
+    body = identity()
+    body["status"]["dataPlane"] = "envoy"
+    assert identity_row(body, NOW)["dataPlane"] == "envoy"
+    assert "Data plane" in plain(identity_detail(body, [], NOW)) and "envoy" in plain(identity_detail(body, [], NOW))
+    assert "- (no sidecar routes)" in plain(identity_detail(identity(), [], NOW))
 
 
 def test_identity_without_status_yet() -> None:

@@ -47,6 +47,7 @@ def identity_row(body: Mapping[str, Any], now: dt.datetime) -> dict[str, Any]:
         "spiffeID": status.get("spiffeID"),
         "trustDomain": status.get("trustDomain") or (body.get("spec") or {}).get("trustDomain"),
         "secretName": secret_name_of(body),
+        "dataPlane": status.get("dataPlane"),  # the sidecar its pods run (None: no sidecar routes)
         "ready": ready.get("status", "Unknown"),
         "reason": ready.get("reason"),
         "message": ready.get("message"),
@@ -114,6 +115,7 @@ def identity_detail(body: Mapping[str, Any], events: Sequence[Mapping[str, Any]]
         ("SPIFFE ID", row["spiffeID"] or "-"),
         ("Trust domain", row["trustDomain"] or "-"),
         ("Secret", row["secretName"]),
+        ("Data plane", row["dataPlane"] or "- (no sidecar routes)"),
         ("Ready", ready_cell(row)),
         ("Serial", row["serial"] or "-"),
         ("Not before", row["notBefore"] or "-"),
