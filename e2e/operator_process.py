@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from testsupport.kubelet import stop_process
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -62,15 +64,7 @@ class OperatorProcess:
         raise RuntimeError(f"the operator did not become healthy in {timeout:.0f} s; see {self.log_path}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, timeout, sig)
         self.proc = None
 
     def kill(self) -> None:

@@ -18,6 +18,7 @@ from types import TracebackType
 from typing import Any
 
 import yaml
+from testsupport.kubelet import stop_process
 
 from e2e.operator_process import free_port
 
@@ -77,13 +78,7 @@ class LoopbackRegistry:
             return ""
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(5)
+        stop_process(self.process)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def __enter__(self) -> LoopbackRegistry:

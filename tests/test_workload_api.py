@@ -415,8 +415,9 @@ def test_the_standalone_command_refuses_a_bad_spiffe_id(tmp_path: Path) -> None:
 
 def _views(ca: CertificateAuthority, now: dt.datetime, roots: tuple[x509.Certificate, ...] = ()) -> tuple[Any, Any]:
     cert = issue_svid(ca, workload_spiffe_id(TD, "default", "web"), now, dt.timedelta(hours=1))
-    identity = Identity("v1", cert.cert_chain_pem, cert.key_pem, x509.load_pem_x509_certificate(cert.cert_chain_pem),
-                        spiffe("web"))
+    chain = tuple(x509.load_pem_x509_certificates(cert.cert_chain_pem))
+    key = load_private_key_pem(cert.key_pem)
+    identity = Identity("v1", cert.cert_chain_pem, cert.key_pem, chain, key, spiffe("web"))
     all_roots = (ca.certificate, *roots)
     bundle = Bundle("v1", b"".join(r.public_bytes(Encoding.PEM) for r in all_roots), all_roots, b"", ())
     return identity, bundle

@@ -5,7 +5,6 @@ The config directory is written the kubelet's way (a projected ConfigMap), like 
 
 from __future__ import annotations
 
-import signal
 import subprocess
 import time
 import urllib.error
@@ -28,7 +27,7 @@ from meshtls.dataplane.envoy import (
 from meshtls.dataplane.layout import CONFIG_DIR
 from meshtls.proxy.envoy_bin import envoy_binary
 from testsupport.containers import Runtime, User, VenvRuntime
-from testsupport.kubelet import write_atomic_volume
+from testsupport.kubelet import stop_process, write_atomic_volume
 
 
 def envoy_command(config_dir: Path) -> list[str]:
@@ -97,14 +96,7 @@ class EnvoyProcess:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None if self.proc is None else self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(timeout)
+        return stop_process(self.proc, timeout)
 
     def __enter__(self) -> EnvoyProcess:
         return self.start()
@@ -233,14 +225,4 @@ class EnvoyContainer:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        proc = self.process
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        return proc.returncode
+        return stop_process(self.process, timeout)

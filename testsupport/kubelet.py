@@ -146,6 +146,22 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
         return exc.code, exc.read()
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, timeout: float = 10.0,
+                 sig: int = signal.SIGTERM) -> int | None:
+    """Stop a container's process as the kubelet does: `sig` (SIGTERM), wait up to `timeout` seconds, SIGKILL if it
+    does not go. Returns the exit code (None: never started)."""
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+    return proc.returncode
+
+
 class SidecarProcess:
     """One `meshtls-proxy` as a real process, with its config in a kubelet-style ConfigMap volume.
 
@@ -254,18 +270,7 @@ class SidecarProcess:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout: float = 10.0) -> int | None:
-        """SIGTERM, wait, SIGKILL if it does not go. Returns the exit code."""
-        proc = self.process
-        if proc is None:
-            return None
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-        return proc.returncode
+        return stop_process(self.process, timeout)
 
     def __enter__(self) -> SidecarProcess:
         return self.start() if self.process is None else self

@@ -242,36 +242,33 @@ def render_envoy_bootstrap(config: SidecarConfig, config_dir: str = CONFIG_DIR) 
     }
 
 
+def _sds_file(name: str, **secret: Any) -> dict[str, Any]:
+    """An SDS file holding the one secret `name`."""
+    return {"resources": [{"@type": SECRET_TYPE, "name": name, **secret}]}
+
+
 def render_identity_secret(config: SidecarConfig) -> dict[str, Any]:
     """SDS `identity`: the certificate chain and key, read from the identity Secret's mount."""
     d = config.identity_dir.rstrip("/")
-    return {"resources": [{
-        "@type": SECRET_TYPE,
-        "name": IDENTITY_SECRET,
-        "tls_certificate": {
-            "certificate_chain": {"filename": f"{d}/{CERT_FILE}"},
-            "private_key": {"filename": f"{d}/{KEY_FILE}"},
-            # the kubelet swaps `..data` here: chain and key are then re-read together
-            "watched_directory": {"path": d},
-        },
-    }]}
+    return _sds_file(IDENTITY_SECRET, tls_certificate={
+        "certificate_chain": {"filename": f"{d}/{CERT_FILE}"},
+        "private_key": {"filename": f"{d}/{KEY_FILE}"},
+        # the kubelet swaps `..data` here: chain and key are then re-read together
+        "watched_directory": {"path": d},
+    })
 
 
 def render_bundle_secret(config: SidecarConfig) -> dict[str, Any]:
     """SDS `bundle`: trusted roots and CRLs, read from the trust bundle ConfigMap's mount."""
     d = config.bundle_dir.rstrip("/")
-    return {"resources": [{
-        "@type": SECRET_TYPE,
-        "name": BUNDLE_SECRET,
-        "validation_context": {
-            "trusted_ca": {"filename": f"{d}/{BUNDLE_FILE}"},
-            # An empty CRL file means no CRL check, as in meshtls-proxy. Envoy re-reads both files on a swap.
-            "crl": {"filename": f"{d}/{CRL_FILE}"},
-            # meshtls-proxy checks the leaf only (VERIFY_CRL_CHECK_LEAF): a bundle need not carry a root's CRL
-            "only_verify_leaf_cert_crl": True,
-            "watched_directory": {"path": d},
-        },
-    }]}
+    return _sds_file(BUNDLE_SECRET, validation_context={
+        "trusted_ca": {"filename": f"{d}/{BUNDLE_FILE}"},
+        # An empty CRL file means no CRL check, as in meshtls-proxy. Envoy re-reads both files on a swap.
+        "crl": {"filename": f"{d}/{CRL_FILE}"},
+        # meshtls-proxy checks the leaf only (VERIFY_CRL_CHECK_LEAF): a bundle need not carry a root's CRL
+        "only_verify_leaf_cert_crl": True,
+        "watched_directory": {"path": d},
+    })
 
 
 def envoy_arguments(config_dir: str = CONFIG_DIR) -> list[str]:

@@ -112,6 +112,16 @@ def _parse(body: bytes, max_body: int) -> tuple[str, dict[str, Any]]:
     return uid, request
 
 
+def read_review(body: bytes, max_body: int = MAX_BODY) -> tuple[str, dict[str, Any]] | AdmissionOutcome:
+    """(uid, request) of a well-formed AdmissionReview, or the 400 answer to give. The boundary: never raises."""
+    try:
+        return _parse(body, max_body)
+    except _BadRequest as exc:
+        return _bad_request(exc.message)
+    except Exception as exc:  # whatever the bytes, answer
+        return _bad_request(f"unreadable request ({type(exc).__name__}: {exc})")
+
+
 def _is_pod(request: Mapping[str, Any]) -> bool:
     kind, resource = request.get("kind"), request.get("resource")
     if isinstance(kind, dict):
@@ -176,12 +186,10 @@ def _decide(uid: str, request: Mapping[str, Any], lookup: Lookup, options: Injec
 def review_pod_admission(body: bytes, lookup: Lookup, options: InjectionOptions,
                          max_body: int = MAX_BODY) -> AdmissionOutcome:
     """Decide one AdmissionReview; see the module docstring. Never raises."""
-    try:
-        uid, request = _parse(body, max_body)
-    except _BadRequest as exc:
-        return _bad_request(exc.message)
-    except Exception as exc:  # the boundary: whatever the bytes, answer
-        return _bad_request(f"unreadable request ({type(exc).__name__}: {exc})")
+    review = read_review(body, max_body)
+    if isinstance(review, AdmissionOutcome):
+        return review
+    uid, request = review
     try:
         return _decide(uid, request, lookup, options)
     except PodShapeError as exc:

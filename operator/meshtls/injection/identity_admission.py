@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from meshtls.api.constants import FINALIZER, GROUP, KIND_WORKLOAD_IDENTITY
-from meshtls.injection.admission import MAX_BODY, AdmissionOutcome, _allow, _bad_request, _BadRequest, _parse
+from meshtls.injection.admission import MAX_BODY, AdmissionOutcome, _allow, read_review
 
 FINALIZER_PATH = "/finalize"
 
@@ -38,12 +38,10 @@ def finalizer_patch(obj: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def review_identity_admission(body: bytes, max_body: int = MAX_BODY) -> AdmissionOutcome:
     """Allow every review; a WorkloadIdentity CREATE without meshtls's finalizer gets a patch adding it."""
-    try:
-        uid, request = _parse(body, max_body)
-    except _BadRequest as exc:
-        return _bad_request(exc.message)
-    except Exception as exc:  # the boundary: whatever the bytes, answer
-        return _bad_request(f"unreadable request ({type(exc).__name__}: {exc})")
+    review = read_review(body, max_body)
+    if isinstance(review, AdmissionOutcome):
+        return review
+    uid, request = review
     obj = request.get("object")
     if not _is_identity_create(request) or not isinstance(obj, dict):
         return _allow(uid)

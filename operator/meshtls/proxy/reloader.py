@@ -15,8 +15,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from meshtls.dataplane.layout import BUNDLE_FILE, BUNDLE_FILES, CRL_FILE, IDENTITY_FILES
-from meshtls.pki.errors import PKIError
-from meshtls.pki.pem import load_certificates
 from meshtls.pki.verify import verify_svid
 from meshtls.proxy.volumes import (
     Bundle,
@@ -233,11 +231,7 @@ class Reloader:
             for root in bundle.roots_without_crl():
                 self.log.warning("no CRL issued by %s in %s: peers whose certificates it issued directly are refused",
                             root.subject.rfc4514_string(), os.path.join(self.bundle_dir, CRL_FILE))
-        try:
-            chain = load_certificates(identity.chain_pem)
-        except PKIError:  # pragma: no cover - parsed once already
-            return
-        check = verify_svid(chain, list(bundle.roots), self.clock())
+        check = verify_svid(list(identity.chain), list(bundle.roots), self.clock())
         if not check.ok:
             self.log.warning("own certificate %s does not verify against the trust bundle: %s", identity.serial,
                         check.reason)

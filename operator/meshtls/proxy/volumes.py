@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 
@@ -18,7 +18,7 @@ from meshtls.dataplane.layout import BUNDLE_FILE, CERT_FILE, CRL_FILE, DATA_LINK
 from meshtls.pki.crl import load_crls
 from meshtls.pki.errors import PKIError
 from meshtls.pki.issue import format_serial
-from meshtls.pki.keys import load_private_key_pem, public_keys_match
+from meshtls.pki.keys import PrivateKey, load_private_key_pem, public_keys_match
 from meshtls.pki.pem import load_certificates
 from meshtls.pki.verify import svid_spiffe_id
 
@@ -89,13 +89,19 @@ def read_volume(directory: str, required: tuple[str, ...], optional: tuple[str, 
 
 @dataclass(frozen=True)
 class Identity:
-    """This workload's certificate chain and key, checked to belong together."""
+    """This workload's certificate chain and key, checked to belong together. Parsed once per version of the volume:
+    the TLS contexts and the Workload API (on every reload tick) read them from here."""
 
     version: str
     chain_pem: bytes
     key_pem: bytes
-    leaf: x509.Certificate
+    chain: tuple[x509.Certificate, ...]  # the leaf first
+    key: PrivateKey = field(compare=False, repr=False)
     spiffe_id: str
+
+    @property
+    def leaf(self) -> x509.Certificate:
+        return self.chain[0]
 
     @property
     def serial(self) -> str:
@@ -125,7 +131,7 @@ def parse_identity(snapshot: Snapshot) -> Identity:
         spiffe_id = str(svid_spiffe_id(leaf))
     except PKIError as exc:
         raise VolumeError(exc.field, exc.message) from None
-    return Identity(snapshot.version, snapshot.files[CERT_FILE], snapshot.files[KEY_FILE], leaf, spiffe_id)
+    return Identity(snapshot.version, snapshot.files[CERT_FILE], snapshot.files[KEY_FILE], tuple(certs), key, spiffe_id)
 
 
 @dataclass(frozen=True)

@@ -32,9 +32,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
 
 from meshtls.dataplane.layout import CERT_FILE, KEY_FILE
-from meshtls.pki.errors import PKIError
-from meshtls.pki.keys import load_private_key_pem, public_keys_match
-from meshtls.pki.pem import load_certificates
+from meshtls.pki.keys import public_keys_match
 from meshtls.pki.spiffe import SCHEME
 from meshtls.pki.verify import verify_svid
 from meshtls.proxy import workload_wire as wire
@@ -180,11 +178,7 @@ def decide(identity: Identity | None, bundle: Bundle | None, expected_spiffe_id:
                                       "renewed one has arrived")
     if identity.not_before > now:
         return Refusal("UNAVAILABLE", f"certificate {serial} is not valid before {identity.not_before.isoformat()}")
-    try:
-        chain = load_certificates(identity.chain_pem)
-        key = load_private_key_pem(identity.key_pem)
-    except PKIError as exc:  # parsed once by the reloader already
-        return Refusal("UNAVAILABLE", f"the mounted identity cannot be read: {exc}")
+    chain, key = list(identity.chain), identity.key  # parsed once, when the volume was read
     if not public_keys_match(chain[0].public_key(), key.public_key()):  # type: ignore[arg-type]
         return Refusal("UNAVAILABLE", f"the key does not match certificate {serial}")
     trust_domain = identity.spiffe_id[len(SCHEME):].split("/", 1)[0]
