@@ -82,3 +82,32 @@ def test_the_source_hash_follows_what_the_build_reads(tmp_path: Path, monkeypatc
     assert image.source_hash("base-1") == first
     (repo / "Dockerfile").write_text("changed")
     assert image.source_hash("base-1") != first  # the Dockerfile
+
+
+def test_pruning_keeps_what_a_run_elsewhere_still_uses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build in one worktree must not delete the image a CI run in another is running sidecars from (it did: the
+    run's image was older by build time, though in use)."""
+    monkeypatch.setattr(image, "CACHE", tmp_path)
+    now = 1_000_000.0
+    day = 86400.0
+
+    def entry(tag: str, created: float) -> dict[str, object]:
+        return {"id": tag, "names": [f"{image.IMAGE_NAME}:{image.SOURCE_TAG_PREFIX}{tag}"], "created": created}
+
+    entries = [entry("new", now), entry("b", now - 1 * day), entry("c", now - 2 * day), entry("old", now - 3 * day),
+               entry("used", now - 4 * day), {"id": "base", "names": ["localhost/meshtls-base:x"], "created": 0}]
+    keep = f"{image.IMAGE_NAME}:{image.SOURCE_TAG_PREFIX}new"
+
+    def used(tag: str, at: float) -> None:
+        image._mark_used(f"{image.IMAGE_NAME}:{image.SOURCE_TAG_PREFIX}{tag}")
+        os.utime(image._used_marker(f"{image.IMAGE_NAME}:{image.SOURCE_TAG_PREFIX}{tag}"), (at, at))
+
+    assert [e["id"] for e in image.prunable(entries, keep, now)] == ["old", "used"]  # the newest 3 stay
+    used("used", now - 60)  # the oldest build, asked for a minute ago by a run elsewhere: it stays, "c" goes
+    assert [e["id"] for e in image.prunable(entries, keep, now)] == ["c", "old"]
+    for tag in ("b", "c", "old"):  # every one in use lately: none goes, whatever the count
+        used(tag, now - 120)
+    assert image.prunable(entries, keep, now) == []
+    for tag in ("b", "c", "old", "used"):  # left alone longer than the grace: back to the newest few
+        used(tag, now - image.KEEP_USED_SECONDS - 1)
+    assert len(image.prunable(entries, keep, now)) == 2 and "base" not in str(image.prunable(entries, keep, now))

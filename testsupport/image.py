@@ -189,6 +189,7 @@ def ensure_image() -> Image:
         found = image_id(reference)
         if found:
             buildah("tag", reference, f"{IMAGE_NAME}:{project_version()}")
+            _mark_used(reference)
             return Image(reference, found, False, time.monotonic() - started)
         _log(f"building {reference} from the Dockerfile on {base}")
         log = CACHE / "build.log"
@@ -209,6 +210,7 @@ def ensure_image() -> Image:
         built = image_id(reference)
         assert built is not None
         buildah("tag", reference, f"{IMAGE_NAME}:{project_version()}")
+        _mark_used(reference)
         _prune(keep=reference)
         seconds = time.monotonic() - started
         _log(f"built {reference} in {seconds:.0f} s")
@@ -216,22 +218,44 @@ def ensure_image() -> Image:
 
 
 KEEP_IMAGES = 3  # other worktrees on this machine may be running sidecars from a recent one
+KEEP_USED_SECONDS = 6 * 3600  # ... or from an older one they still use: a run elsewhere must not lose its root
+
+
+def _used_marker(reference: str) -> Path:
+    return CACHE / "used" / reference.rsplit(":", 1)[-1]
+
+
+def _mark_used(reference: str) -> None:
+    marker = _used_marker(reference)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+
+
+def _last_used(entry: dict[str, object]) -> float:
+    """When a run last asked for this image (its marker), else when it was built."""
+    times = [float(entry.get("created") or 0)]  # type: ignore[arg-type]
+    for name in entry.get("names") or []:  # type: ignore[attr-defined]
+        marker = _used_marker(str(name))
+        if str(name).startswith(f"{IMAGE_NAME}:{SOURCE_TAG_PREFIX}") and marker.exists():
+            times.append(marker.stat().st_mtime)
+    return max(times)
+
+
+def prunable(entries: list[dict[str, object]], keep: str, now: float) -> list[dict[str, object]]:
+    """Which source-hash images may go: not `keep`, not among the most recently used few, not used lately."""
+    ours = sorted((e for e in entries if any(str(n).startswith(f"{IMAGE_NAME}:{SOURCE_TAG_PREFIX}")
+                                             for n in e.get("names") or [])),  # type: ignore[attr-defined]
+                  key=_last_used, reverse=True)
+    others = [e for e in ours if keep not in (e.get("names") or [])]  # type: ignore[operator]
+    return [e for e in others[KEEP_IMAGES - 1:] if now - _last_used(e) > KEEP_USED_SECONDS]
 
 
 def _prune(keep: str) -> None:
     """Older source-hash images (and their unpacked roots) beyond the newest few: vfs stores every layer in full,
     about 1 GB an image with its root."""
-    listing = json.loads(buildah("images", "--json") or "[]")
-    ours = sorted((entry for entry in listing if any(
-        name.startswith(f"{IMAGE_NAME}:{SOURCE_TAG_PREFIX}") for name in entry.get("names") or [])),
-        key=lambda entry: int(entry.get("created") or 0), reverse=True)
-    kept = 0
-    for entry in ours:
-        if keep in (entry.get("names") or []) or kept < KEEP_IMAGES - 1:
-            kept += keep not in (entry.get("names") or [])
-            continue
-        _remove_root(entry["id"])
-        buildah("rmi", "--force", entry["id"], check=False)
+    for entry in prunable(json.loads(buildah("images", "--json") or "[]"), keep, time.time()):
+        _remove_root(str(entry["id"]))
+        buildah("rmi", "--force", str(entry["id"]), check=False)
 
 
 def image_size(reference: str) -> str:
