@@ -481,6 +481,24 @@ def test_the_sidecar_refuses_the_same_collisions_in_its_config() -> None:
             parse_workload_identity(wid(**spec))
 
 
+def test_a_name_too_long_for_the_sidecar_configmap_is_refused_whichever_field_gives_it_a_sidecar() -> None:
+    """<name>-meshtls-proxy cut to 253 characters could be another identity's ConfigMap: a name too long for it is
+    refused when the identity has a sidecar, be it for its routes, its own workloadAPI or its TrustDomain's default
+    (which the model sees only when the identity is resolved)."""
+    long = "w" * (253 - len(SIDECAR_CONFIG_SUFFIX) + 1)
+    fits = long[:-1]
+    td_on = td(workloadAPI={"enabled": True})
+    body = {"metadata": {"namespace": "shop", "name": long, "uid": "u"},
+            "spec": {"serviceAccountName": "web", "secretName": "web-mtls"}}
+    for spec, trust in (({"inbound": [_inbound(8443, 8080)]}, td()), ({"workloadAPI": {"enabled": True}}, td()),
+                        ({}, td_on), ({"workloadAPI": None}, td_on)):
+        err = refused_on_resolve({**body, "spec": {**body["spec"], **spec}}, trust)
+        assert (err.field, err.reason) == ("metadata.name", "InvalidSpec"), (spec, err)
+    for spec, trust in (({}, td()), ({"workloadAPI": {"enabled": False}}, td_on)):  # no sidecar: no ConfigMap
+        assert not resolved({**body, "spec": {**body["spec"], **spec}}, trust).has_sidecar
+    resolved({**body, "metadata": {**body["metadata"], "name": fits}}, td_on)
+
+
 # --- the namespace is the isolation boundary for DNS names -----------------------------------------------------
 
 OWN = ["web", "web.shop", "web.shop.svc", "web.shop.svc.cluster.local", "*.shop", "*.shop.svc",

@@ -538,9 +538,8 @@ def parse_workload_identity(body: Mapping[str, Any]) -> WorkloadIdentitySpec:
     inbound, outbound = _inbound(spec.get("inbound")), _outbound(spec.get("outbound"))
     check_sidecar_ports(inbound, outbound)
     workload_api = workload_api_enabled(spec.get("workloadAPI"))
-    if (inbound or outbound or workload_api) and len(name + SIDECAR_CONFIG_SUFFIX) > MAX_OBJECT_NAME:
-        raise SpecError("metadata.name", f"the sidecar ConfigMap {name[:40]}...{SIDECAR_CONFIG_SUFFIX} would exceed "
-                                         f"{MAX_OBJECT_NAME} characters: use a shorter name")
+    if inbound or outbound or workload_api:
+        check_sidecar_configmap_name(name)
     selector = _object(spec.get("podSelector"), "spec.podSelector")
     return WorkloadIdentitySpec(
         namespace=namespace,
@@ -561,6 +560,14 @@ def parse_workload_identity(body: Mapping[str, Any]) -> WorkloadIdentitySpec:
         workload_api=workload_api,
         data_plane=parse_data_plane(spec.get("dataPlane"), "spec.dataPlane"),
     )
+
+
+def check_sidecar_configmap_name(name: str) -> None:
+    """An identity with a sidecar gets the ConfigMap <name>-meshtls-proxy; cut to the name limit it could be another
+    identity's (or no valid name at all), so a name too long for it is refused."""
+    if len(name + SIDECAR_CONFIG_SUFFIX) > MAX_OBJECT_NAME:
+        raise SpecError("metadata.name", f"the sidecar ConfigMap {name[:40]}...{SIDECAR_CONFIG_SUFFIX} would exceed "
+                                         f"{MAX_OBJECT_NAME} characters: use a shorter name")
 
 
 def check_renew_before(renew_before: dt.timedelta, ttl: dt.timedelta) -> None:
@@ -614,7 +621,7 @@ def resolve_identity(spec: WorkloadIdentitySpec, td: TrustDomainSpec,
                                                    f"namespace {spec.namespace}: {allowed} "
                                                    "(spec.certificates.allowedDNSNames)",
                             reason=Reason.DNS_NAME_NOT_ALLOWED)
-    return EffectiveIdentity(
+    identity = EffectiveIdentity(
         spec=spec,
         trust_domain=td.name,
         spiffe_id=spec.spiffe_id(td.name),
@@ -627,3 +634,6 @@ def resolve_identity(spec: WorkloadIdentitySpec, td: TrustDomainSpec,
         workload_api=td.workload_api if spec.workload_api is None else spec.workload_api,
         data_plane=choose_data_plane(spec.data_plane, td.data_plane, default_data_plane),
     )
+    if identity.has_sidecar:  # the TrustDomain's Workload API default may give it a sidecar the spec does not ask for
+        check_sidecar_configmap_name(spec.name)
+    return identity
