@@ -418,15 +418,17 @@ def test_port_names_and_options() -> None:
 @pytest.mark.parametrize("native", [True, False])
 def test_app_ports_on_meshtls_listeners_are_warned_about_per_container(data_plane: str, workload_api: bool,
                                                                       native: bool) -> None:
-    """An app container declaring a port one of meshtls's containers listens on gets one warning per port, naming
-    the container that listens there; 15091 only when the meshtls-workload-api container is injected."""
-    target = dataclasses.replace(TARGET, data_plane=data_plane, workload_api=workload_api)
-    declared = [8443, SIDECAR_ADMIN_PORT, WORKLOAD_API_ADMIN_PORT, 8080]
+    """An app container declaring a port one of meshtls's containers listens on (inbound, outbound, admin) gets one
+    warning per port, naming the container that listens there; 15091 only when the meshtls-workload-api container
+    is injected."""
+    target = dataclasses.replace(TARGET, data_plane=data_plane, workload_api=workload_api, outbound_ports=(15001,))
+    declared = [8443, 15001, SIDECAR_ADMIN_PORT, WORKLOAD_API_ADMIN_PORT, 8080]
     p = pod(containers=[{"name": "app", "image": "nginx", "ports": [{"containerPort": x} for x in declared]}])
     result = build_injection_patch(p, target, InjectionOptions(native_sidecar=native))
     sidecar = ENVOY_SIDECAR_NAME if data_plane == "envoy" else SIDECAR_NAME
     beside = data_plane == "envoy" and workload_api
-    expected = {8443: f"{sidecar} sidecar", SIDECAR_ADMIN_PORT: f"{sidecar} sidecar"}
+    # the outbound listener is on the sidecar's 127.0.0.1, where the app's listener on any address collides too
+    expected = {8443: f"{sidecar} sidecar", 15001: f"{sidecar} sidecar", SIDECAR_ADMIN_PORT: f"{sidecar} sidecar"}
     if beside:
         expected[WORKLOAD_API_ADMIN_PORT] = f"{WORKLOAD_API_CONTAINER} container"
     port_warnings = [w for w in result.warnings if "declares port" in w]

@@ -25,6 +25,7 @@ def test_rendered_config_round_trips_through_the_proxy_parser() -> None:
     assert config.inbound[0].allow == ("spiffe://cluster.local/ns/shop/sa/frontend", "spiffe://cluster.local/ns/ops/*")
     target = injection_target(identity, "meshtls-bundle")
     assert target.inbound_ports == (8443,) and target.config_map == "backend-meshtls-proxy"
+    assert target.outbound_ports == (9001,)  # for the webhook's warning about an app container declaring it
 
 
 @pytest.mark.parametrize(

@@ -342,10 +342,10 @@ def _declared_ports(containers: Iterable[Mapping[str, Any]]) -> dict[int, list[s
 
 
 def injected_listeners(target: InjectionTarget) -> dict[int, str]:
-    """Every port the containers meshtls injects listen on in the pod (outbound listeners aside: the target does not
-    carry them), and which container it is."""
+    """Every port the containers meshtls injects listen on in the pod (outbound ones on 127.0.0.1, which an app
+    container's listener on any address collides with too), and which container it is."""
     sidecar = f"{sidecar_name(target)} sidecar"
-    listeners = {port: sidecar for port in _unique_ports(target.inbound_ports)}
+    listeners = {port: sidecar for port in _unique_ports([*target.inbound_ports, *target.outbound_ports])}
     listeners[target.admin_port] = sidecar
     if workload_api_beside(target):
         listeners[WORKLOAD_API_ADMIN_PORT] = f"{WORKLOAD_API_CONTAINER} container"

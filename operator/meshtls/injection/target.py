@@ -31,6 +31,7 @@ class InjectionTarget:
     bundle_config_map: str
     pod_selector: Mapping[str, str] = field(default_factory=dict)
     inbound_ports: tuple[int, ...] = ()
+    outbound_ports: tuple[int, ...] = ()  # the sidecar's listeners on 127.0.0.1: only for the port warnings
     admin_port: int = SIDECAR_ADMIN_PORT
     workload_api: bool = False  # the SPIFFE Workload API socket in the pod (docs/workload-api.md)
     data_plane: str = MESHTLS_PROXY_DATA_PLANE  # meshtls.api.model.DataPlane's value: which container the pod gets
