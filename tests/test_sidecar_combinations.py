@@ -126,7 +126,7 @@ def exists(body: dict[str, Any], path: str) -> bool:
     return "".join(f".{n}" if n else f"[{i}]" for n, i in _STEP.findall(path)).lstrip(".") == path
 
 
-def port_collision(spec: dict[str, Any]) -> bool:
+def pod_port_collides(spec: dict[str, Any]) -> bool:
     """The oracle: does anything in the pod listen twice on one port (the app's appPorts and meshtls's reserved ports
     included)? Two inbound routes to one appPort are fine (the app listens once)."""
     inbound, outbound = spec.get("inbound", []), spec.get("outbound", [])
@@ -217,11 +217,11 @@ def test_every_combination_is_refused_naming_a_field_or_runs_with_distinct_ports
         identity, files = operator_view(body, trust_domain, default)
     except SpecError as exc:
         assert exists(body, exc.field), (exc.field, str(exc))
-        assert port_collision(spec) or exc.field == "metadata.name", f"refused without a port collision: {exc}"
+        assert pod_port_collides(spec) or exc.field == "metadata.name", f"refused without a port collision: {exc}"
         if exc.field.rsplit(".", 1)[-1] in IDENTITY_FIELDS:
             assert str(_value(body, exc.field)) in exc.message, str(exc)
         return
-    assert not port_collision(spec), f"accepted with a port collision: {spec}"
+    assert not pod_port_collides(spec), f"accepted with a port collision: {spec}"
     # (a) the files load back with the data plane's own parsers, and say what the spec says
     config = render_sidecar_config(identity)
     assert load_sidecar_config(files[CONFIG_FILE]) == config
