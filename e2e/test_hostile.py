@@ -493,7 +493,7 @@ def _maybe(rng: random.Random, values: list[Any]) -> Any:
 
 def random_identity_spec(rng: random.Random, trust_domain: str) -> dict[str, Any]:
     """Values from the classes of issue #13, each fine or wrong alone, mixed so that some are wrong together."""
-    ports = [1, 8080, 8443, 9443, 15001, 15090, 65535, 0, 65536]
+    ports = [1, 8080, 8443, 9443, 15001, 15090, 15091, 65535, 0, 65536]
     spec: dict[str, Any] = {"serviceAccountName": "web", "trustDomain": trust_domain,
                             "ttl": _maybe(rng, ["10s", "1m", "1h", "24h", "9s", "0s"]),
                             "renewBefore": _maybe(rng, ["0s", "1s", "3s", "30s", "5m", "54m", "55m", "59m59s",

@@ -25,6 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from testsupport.golden import assert_golden
 
+from meshtls.api.ports import RESERVED_PORTS, WORKLOAD_API_ADMIN_PORT
 from meshtls.dataplane.config import (
     BUNDLE_DIR,
     IDENTITY_DIR,
@@ -280,7 +281,9 @@ _host = st.one_of(st.builds(".".join, st.lists(_dns_label, min_size=1, max_size=
 
 @st.composite
 def sidecar_configs(draw: st.DrawFn) -> SidecarConfig:
-    ports = draw(st.lists(st.integers(1024, 65535), min_size=1, max_size=12, unique=True))
+    # meshtls's reserved ports are refused on a route (test_bad_field_is_refused_at_render_time)
+    ports = draw(st.lists(st.integers(1024, 65535).filter(lambda p: p not in RESERVED_PORTS), min_size=1,
+                          max_size=12, unique=True))
     admin, *rest = ports
     n_in = draw(st.integers(0, len(rest) // 2))
     listen, apps, outs = rest[:n_in], rest[n_in:2 * n_in], rest[2 * n_in:]
@@ -354,14 +357,15 @@ BAD_ADDRESSES = ["nohost", "db.data.svc", ":5432", "db.data.svc:0", "db.data.svc
 
 @pytest.mark.parametrize(("config", "field"), [
     *[(_with(spiffe_id=s), "spiffeId") for s in ("", "http://x/y", "spiffe://UPPER/x", "spiffe://td/a/../b")],
-    *[(_with(inbound=_inbound(port=p)), "inbound[0].port") for p in (0, -1, 65536, True, 2.5)],
-    *[(_with(inbound=_inbound(app_port=p)), "inbound[0].appPort") for p in (0, 70000, 8443)],
+    *[(_with(inbound=_inbound(port=p)), "inbound[0].port") for p in (0, -1, 65536, True, 2.5, *RESERVED_PORTS)],
+    *[(_with(inbound=_inbound(app_port=p)), "inbound[0].appPort") for p in (0, 70000, 8443, *RESERVED_PORTS)],
     *[(_with(inbound=_inbound(allow=("*", a))), "inbound[0].allow[1]")
       for a in ("", "spiffe://", "spiffe://td/ns/*/x", "not-an-id", "spiffe://td/ns//sa/x")],
     *[(_with(outbound=_outbound(address=a)), "outbound[0].address") for a in BAD_ADDRESSES],
     *[(_with(outbound=_outbound(peer=p)), "outbound[0].peer") for p in ("", "**", "spiffe://td/x/**", None)],
-    *[(_with(outbound=_outbound(listen_port=p)), "outbound[0].listenPort") for p in (0, 8443, 8080, 15090)],
-    *[(_with(admin_port=p), "admin.port") for p in (0, 100000)],
+    *[(_with(outbound=_outbound(listen_port=p)), "outbound[0].listenPort")
+      for p in (0, 8443, 8080, *RESERVED_PORTS)],
+    *[(_with(admin_port=p), "admin.port") for p in (0, 100000, WORKLOAD_API_ADMIN_PORT)],
     *[(_with(identity_dir=d), "identityDir") for d in ("", "relative/dir", "/", "//", "/x\x00y")],
     *[(_with(bundle_dir=d), "bundleDir") for d in ("", "bundle", "/")],
 ])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import yaml
 from testsupport.golden import assert_golden
 
 from meshtls.api.constants import ANNOTATION_INJECTED, ANNOTATION_SPIFFE_ID
+from meshtls.api.ports import SIDECAR_ADMIN_PORT, WORKLOAD_API_ADMIN_PORT
 from meshtls.dataplane.envoy import ENVOY_FILES, envoy_arguments
 from meshtls.dataplane.layout import BUNDLE_DIR, CONFIG_DIR, CONFIG_FILE, IDENTITY_DIR, WORKLOAD_API_DIR
 from meshtls.injection.admission import AdmissionOutcome, review_pod_admission
@@ -409,6 +411,35 @@ def test_port_names_and_options() -> None:
     assert sidecar["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 15091}
     assert sidecar["startupProbe"]["httpGet"] == {"path": "/readyz", "port": 15091}
     assert sidecar["resources"] == {"requests": {"memory": "16Mi"}}
+
+
+@pytest.mark.parametrize("data_plane", ["meshtls-proxy", "envoy"])
+@pytest.mark.parametrize("workload_api", [False, True])
+@pytest.mark.parametrize("native", [True, False])
+def test_app_ports_on_meshtls_listeners_are_warned_about_per_container(data_plane: str, workload_api: bool,
+                                                                      native: bool) -> None:
+    """An app container declaring a port one of meshtls's containers listens on (inbound, outbound, admin) gets one
+    warning per port, naming the container that listens there; 15091 only when the meshtls-workload-api container
+    is injected."""
+    target = dataclasses.replace(TARGET, data_plane=data_plane, workload_api=workload_api, outbound_ports=(15001,))
+    declared = [8443, 15001, SIDECAR_ADMIN_PORT, WORKLOAD_API_ADMIN_PORT, 8080]
+    p = pod(containers=[{"name": "app", "image": "nginx", "ports": [{"containerPort": x} for x in declared]}])
+    result = build_injection_patch(p, target, InjectionOptions(native_sidecar=native))
+    sidecar = ENVOY_SIDECAR_NAME if data_plane == "envoy" else SIDECAR_NAME
+    beside = data_plane == "envoy" and workload_api
+    # the outbound listener is on the sidecar's 127.0.0.1, where the app's listener on any address collides too
+    expected = {8443: f"{sidecar} sidecar", 15001: f"{sidecar} sidecar", SIDECAR_ADMIN_PORT: f"{sidecar} sidecar"}
+    if beside:
+        expected[WORKLOAD_API_ADMIN_PORT] = f"{WORKLOAD_API_CONTAINER} container"
+    port_warnings = [w for w in result.warnings if "declares port" in w]
+    assert port_warnings == [f"meshtls: container app declares port {port}, which the {who} listens on; one of them "
+                             "will fail to bind" for port, who in expected.items()], result.warnings
+    patched = apply_json_patch(p, result.patch)
+    names = [c["name"] for c in patched["spec"].get("initContainers", []) + patched["spec"]["containers"]]
+    assert (WORKLOAD_API_CONTAINER in names) == beside
+    host = build_injection_patch(pod(hostNetwork=True), target, InjectionOptions(native_sidecar=native))
+    (note,) = [w for w in host.warnings if "hostNetwork" in w]
+    assert f"({', '.join(map(str, expected))})" in note, note
 
 
 def test_fs_group_tightens_the_key_mode() -> None:

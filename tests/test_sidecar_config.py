@@ -25,6 +25,7 @@ def test_rendered_config_round_trips_through_the_proxy_parser() -> None:
     assert config.inbound[0].allow == ("spiffe://cluster.local/ns/shop/sa/frontend", "spiffe://cluster.local/ns/ops/*")
     target = injection_target(identity, "meshtls-bundle")
     assert target.inbound_ports == (8443,) and target.config_map == "backend-meshtls-proxy"
+    assert target.outbound_ports == (9001,)  # for the webhook's warning about an app container declaring it
 
 
 @pytest.mark.parametrize(
@@ -42,6 +43,10 @@ def test_rendered_config_round_trips_through_the_proxy_parser() -> None:
         ({"inbound": [{"port": 15090, "appPort": 2}]}, "inbound[0].port"),
         ({"inbound": [{"port": 1, "appPort": 2}, {"port": 3, "appPort": 1}]}, "inbound[1].appPort"),
         ({"inbound": [{"port": 1, "appPort": 15090}]}, "inbound[0].appPort"),
+        ({"inbound": [{"port": 15091, "appPort": 2}]}, "inbound[0].port"),
+        ({"inbound": [{"port": 1, "appPort": 15091}]}, "inbound[0].appPort"),
+        ({"outbound": [{"listenPort": 15091, "address": "a:1", "peer": "spiffe://a/b"}]}, "outbound[0].listenPort"),
+        ({"admin": {"port": 15091}}, "admin.port"),
         ({"inbound": [{"port": 1, "appPort": 2}],
           "outbound": [{"listenPort": 2, "address": "a:1", "peer": "spiffe://a/b"}]}, "outbound[0].listenPort"),
         ({"outbound": [{"listenPort": 1, "address": "a:1", "peer": "spiffe://a/b"},

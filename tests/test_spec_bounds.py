@@ -18,7 +18,6 @@ from meshtls.api.durations import format_duration
 from meshtls.api.model import (
     DEFAULT_ALLOWED_DNS_NAMES,
     RESERVED_CONFIGMAP_NAMES,
-    SIDECAR_ADMIN_PORT,
     SIDECAR_CONFIG_SUFFIX,
     SpecError,
     dns_name_allowed,
@@ -26,6 +25,7 @@ from meshtls.api.model import (
     parse_workload_identity,
     resolve_identity,
 )
+from meshtls.api.ports import RESERVED_PORTS, SIDECAR_ADMIN_PORT, WORKLOAD_API_ADMIN_PORT
 from meshtls.dataplane.config import DEFAULT_ADMIN_PORT, parse_sidecar_config
 from meshtls.pki import PKIError
 from meshtls.pki.issue import validate_dns_name
@@ -374,16 +374,17 @@ def test_address_ports_are_checked_as_numbers_not_only_as_digits() -> None:
 
 
 def _listeners(spec: dict[str, Any]) -> list[tuple[str, int]]:
-    """Every (field, port) something listens on in the pod, the app's appPorts included."""
-    out = [("admin", SIDECAR_ADMIN_PORT)]
+    """Every (field, port) something listens on in the pod, meshtls's reserved ports included (not the appPorts)."""
+    out = [("admin", SIDECAR_ADMIN_PORT), ("workload API admin", WORKLOAD_API_ADMIN_PORT)]
     out += [(f"spec.inbound[{i}].port", r["port"]) for i, r in enumerate(spec.get("inbound", []))]
     out += [(f"spec.outbound[{i}].listenPort", r["listenPort"]) for i, r in enumerate(spec.get("outbound", []))]
     return out
 
 
-@given(st.lists(st.tuples(st.sampled_from([8080, 8443, 9443, 15001, SIDECAR_ADMIN_PORT]),
-                          st.sampled_from([8080, 8081, 9443, 15001, SIDECAR_ADMIN_PORT])), max_size=3),
-       st.lists(st.sampled_from([8080, 8443, 15001, 15002, SIDECAR_ADMIN_PORT]), max_size=3))
+@given(st.lists(st.tuples(st.sampled_from([8080, 8443, 9443, 15001, SIDECAR_ADMIN_PORT, WORKLOAD_API_ADMIN_PORT]),
+                          st.sampled_from([8080, 8081, 9443, 15001, SIDECAR_ADMIN_PORT, WORKLOAD_API_ADMIN_PORT])),
+                max_size=3),
+       st.lists(st.sampled_from([8080, 8443, 15001, 15002, SIDECAR_ADMIN_PORT, WORKLOAD_API_ADMIN_PORT]), max_size=3))
 @settings(max_examples=400, deadline=None)
 def test_port_collisions_across_inbound_outbound_and_admin_are_refused_naming_the_item(
     inbound: list[tuple[int, int]], outbound: list[int],
@@ -410,8 +411,63 @@ def test_port_collisions_across_inbound_outbound_and_admin_are_refused_naming_th
 
 def test_the_model_and_the_sidecar_agree_on_the_admin_port() -> None:
     assert SIDECAR_ADMIN_PORT == DEFAULT_ADMIN_PORT
-    crd = (REPO / "crds" / "workloadidentities.meshtls.dev.yaml").read_text()
-    assert crd.count(f"!= {SIDECAR_ADMIN_PORT}") == 3  # inbound port, inbound appPort, outbound listenPort
+    crd = yaml.safe_load((REPO / "crds" / "workloadidentities.meshtls.dev.yaml").read_text())
+    spec = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+    for port in RESERVED_PORTS:  # refused by CEL on each of the three port fields, naming that field
+        for key, field in (("inbound", "port"), ("inbound", "appPort"), ("outbound", "listenPort")):
+            rules = spec[key]["items"]["x-kubernetes-validations"]
+            assert {"rule": f"self.{field} != {port}", "fieldPath": f".{field}"} in [
+                {k: r[k] for k in ("rule", "fieldPath") if k in r} for r in rules], (port, key, field)
+
+
+# Every port field of a WorkloadIdentity and of the sidecar config it renders to, against each reserved port.
+PORT_FIELDS = [
+    ({"inbound": [_inbound("P", 8080)]}, "inbound[0].port"),
+    ({"inbound": [_inbound(8443, "P")]}, "inbound[0].appPort"),
+    ({"outbound": [_outbound("P")]}, "outbound[0].listenPort"),
+    ({"inbound": [_inbound(8443, 8080), _inbound("P", 8080)]}, "inbound[1].port"),
+    ({"inbound": [_inbound(8443, 8080), _inbound(9443, "P")]}, "inbound[1].appPort"),
+    ({"inbound": [_inbound(8443, 8080)], "outbound": [_outbound(15001), _outbound("P")]}, "outbound[1].listenPort"),
+]
+
+
+def _put(value: Any, port: int) -> Any:
+    if isinstance(value, dict):
+        return {k: _put(v, port) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_put(v, port) for v in value]
+    return port if value == "P" else value
+
+
+@pytest.mark.parametrize("port", list(RESERVED_PORTS), ids=str)
+@pytest.mark.parametrize(("template", "field"), PORT_FIELDS, ids=[f for _, f in PORT_FIELDS])
+def test_every_port_field_on_a_reserved_port_is_refused_naming_it(template: dict[str, Any], field: str,
+                                                                  port: int) -> None:
+    """Whatever the data plane and workloadAPI say (the CRD cannot know them, and both may change later)."""
+    spec = _put(template, port)
+    for extra in ({}, {"dataPlane": "envoy"}, {"dataPlane": "envoy", "workloadAPI": {"enabled": True}},
+                  {"dataPlane": "meshtls-proxy", "workloadAPI": {"enabled": False}}):
+        err = refused(parse_workload_identity, wid(**spec, **extra))
+        assert err.field == f"spec.{field}", (extra, err)
+        assert str(port) in err.message and RESERVED_PORTS[port] in err.message, err
+    with pytest.raises(PKIError) as info:
+        parse_sidecar_config({"spiffeId": "spiffe://cluster.local/ns/shop/sa/web", **spec})
+    assert info.value.field == field and str(port) in info.value.message, info.value
+    # the same spec one port over is fine: the refusal is about the reserved port, not the shape
+    parse_workload_identity(wid(**_put(template, 15095)))
+    parse_sidecar_config({"spiffeId": "spiffe://cluster.local/ns/shop/sa/web", **_put(template, 15095)})
+
+
+def test_the_sidecar_config_moves_the_admin_port_but_never_onto_the_workload_api_containers() -> None:
+    base = {"spiffeId": "spiffe://cluster.local/ns/shop/sa/web", "inbound": [_inbound(8443, 8080)]}
+    with pytest.raises(PKIError) as info:
+        parse_sidecar_config({**base, "admin": {"port": WORKLOAD_API_ADMIN_PORT}})
+    assert info.value.field == "admin.port" and RESERVED_PORTS[WORKLOAD_API_ADMIN_PORT] in info.value.message
+    moved = parse_sidecar_config({**base, "admin": {"port": 40000}})
+    assert moved.admin_port == 40000
+    with pytest.raises(PKIError) as info:  # the moved admin port is the one taken now
+        parse_sidecar_config({**base, "admin": {"port": 40000}, "outbound": [_outbound(40000)]})
+    assert info.value.field == "outbound[0].listenPort" and "admin.port" in info.value.message
 
 
 def test_the_sidecar_refuses_the_same_collisions_in_its_config() -> None:
@@ -423,6 +479,24 @@ def test_the_sidecar_refuses_the_same_collisions_in_its_config() -> None:
             parse_sidecar_config({**base, **spec})
         with pytest.raises(SpecError):
             parse_workload_identity(wid(**spec))
+
+
+def test_a_name_too_long_for_the_sidecar_configmap_is_refused_whichever_field_gives_it_a_sidecar() -> None:
+    """<name>-meshtls-proxy cut to 253 characters could be another identity's ConfigMap: a name too long for it is
+    refused when the identity has a sidecar, be it for its routes, its own workloadAPI or its TrustDomain's default
+    (which the model sees only when the identity is resolved)."""
+    long = "w" * (253 - len(SIDECAR_CONFIG_SUFFIX) + 1)
+    fits = long[:-1]
+    td_on = td(workloadAPI={"enabled": True})
+    body = {"metadata": {"namespace": "shop", "name": long, "uid": "u"},
+            "spec": {"serviceAccountName": "web", "secretName": "web-mtls"}}
+    for spec, trust in (({"inbound": [_inbound(8443, 8080)]}, td()), ({"workloadAPI": {"enabled": True}}, td()),
+                        ({}, td_on), ({"workloadAPI": None}, td_on)):
+        err = refused_on_resolve({**body, "spec": {**body["spec"], **spec}}, trust)
+        assert (err.field, err.reason) == ("metadata.name", "InvalidSpec"), (spec, err)
+    for spec, trust in (({}, td()), ({"workloadAPI": {"enabled": False}}, td_on)):  # no sidecar: no ConfigMap
+        assert not resolved({**body, "spec": {**body["spec"], **spec}}, trust).has_sidecar
+    resolved({**body, "metadata": {**body["metadata"], "name": fits}}, td_on)
 
 
 # --- the namespace is the isolation boundary for DNS names -----------------------------------------------------

@@ -16,6 +16,7 @@ from typing import Any
 from meshtls.api.constants import DEFAULT_BUNDLE_CONFIGMAP
 from meshtls.api.durations import format_duration, parse_duration
 from meshtls.api.names import MAX_OBJECT_NAME, SIDECAR_CONFIG_SUFFIX, default_secret_name
+from meshtls.api.ports import RESERVED_PORTS, port_collision
 from meshtls.api.reasons import Reason
 from meshtls.pki.ca import DEFAULT_CA_VALIDITY
 from meshtls.pki.crl import DEFAULT_CRL_VALIDITY
@@ -57,7 +58,6 @@ RESERVED_CONFIGMAP_PREFIX = "kube-"  # kube-root-ca.crt in every namespace, kube
 RESERVED_CONFIGMAP_NAMES = ("extension-apiserver-authentication", "cluster-info", "coredns", "kubeadm-config",
                             "kubelet-config", "istio-ca-root-cert", "openshift-service-ca.crt",
                             "linkerd-identity-trust-roots")
-SIDECAR_ADMIN_PORT = 15090  # sidecar.config.DEFAULT_ADMIN_PORT: admin and /metrics, on 127.0.0.1 in the pod
 # A TrustDomain's default DNS policy: the identity's own namespace's Service names, in every form a pod resolves.
 # `*` is one label; a leading `**` one or more (pods under a headless Service: web-0.web.<ns>.svc...).
 DEFAULT_ALLOWED_DNS_NAMES = ("*", "*.$(namespace)", "**.$(namespace).svc", "**.$(namespace).svc.cluster.local")
@@ -451,28 +451,15 @@ def _outbound(value: Any) -> tuple[OutboundUpstream, ...]:
 
 
 def check_sidecar_ports(inbound: tuple[InboundPort, ...], outbound: tuple[OutboundUpstream, ...]) -> None:
-    """The sidecar config as a whole: every port the sidecar or the app listens on in the pod is used once.
+    """The sidecar config as a whole: every port the sidecar, the app or meshtls's other container listens on in the
+    pod is used once, and none is a reserved one (meshtls.api.ports, shared with the sidecar's own parser).
 
     The CRD refuses the same collisions with CEL (crds/workloadidentities.meshtls.dev.yaml); this names the item.
     """
-    owner: dict[int, str] = {SIDECAR_ADMIN_PORT: "the sidecar's admin and metrics port"}
-    for i, r in enumerate(inbound):
-        if r.port in owner:
-            raise SpecError(f"spec.inbound[{i}].port", f"{r.port} is already {owner[r.port]}: each port may be used "
-                                                       "once")
-        owner[r.port] = f"spec.inbound[{i}].port"
-    apps: dict[int, str] = {}
-    for i, r in enumerate(inbound):  # the app listens on appPort in the same pod: no sidecar listener may take it
-        if r.app_port in owner:
-            raise SpecError(f"spec.inbound[{i}].appPort", f"{r.app_port} is already {owner[r.app_port]}: the app's "
-                                                          "port must differ from every port the sidecar listens on")
-        apps.setdefault(r.app_port, f"spec.inbound[{i}].appPort")  # two inbound ports may lead to one app port
-    for i, u in enumerate(outbound):
-        field_path = f"spec.outbound[{i}].listenPort"
-        taken = owner.get(u.listen_port) or apps.get(u.listen_port)
-        if taken:
-            raise SpecError(field_path, f"{u.listen_port} is already {taken}: each port may be used once")
-        owner[u.listen_port] = field_path
+    collision = port_collision([(r.port, r.app_port) for r in inbound], [u.listen_port for u in outbound],
+                               RESERVED_PORTS, prefix="spec.")
+    if collision:
+        raise SpecError(collision.field, collision.message)
 
 
 def workload_api_enabled(value: Any, field_path: str = "spec.workloadAPI") -> bool | None:
@@ -551,9 +538,8 @@ def parse_workload_identity(body: Mapping[str, Any]) -> WorkloadIdentitySpec:
     inbound, outbound = _inbound(spec.get("inbound")), _outbound(spec.get("outbound"))
     check_sidecar_ports(inbound, outbound)
     workload_api = workload_api_enabled(spec.get("workloadAPI"))
-    if (inbound or outbound or workload_api) and len(name + SIDECAR_CONFIG_SUFFIX) > MAX_OBJECT_NAME:
-        raise SpecError("metadata.name", f"the sidecar ConfigMap {name[:40]}...{SIDECAR_CONFIG_SUFFIX} would exceed "
-                                         f"{MAX_OBJECT_NAME} characters: use a shorter name")
+    if inbound or outbound or workload_api:
+        check_sidecar_configmap_name(name)
     selector = _object(spec.get("podSelector"), "spec.podSelector")
     return WorkloadIdentitySpec(
         namespace=namespace,
@@ -574,6 +560,14 @@ def parse_workload_identity(body: Mapping[str, Any]) -> WorkloadIdentitySpec:
         workload_api=workload_api,
         data_plane=parse_data_plane(spec.get("dataPlane"), "spec.dataPlane"),
     )
+
+
+def check_sidecar_configmap_name(name: str) -> None:
+    """An identity with a sidecar gets the ConfigMap <name>-meshtls-proxy; cut to the name limit it could be another
+    identity's (or no valid name at all), so a name too long for it is refused."""
+    if len(name + SIDECAR_CONFIG_SUFFIX) > MAX_OBJECT_NAME:
+        raise SpecError("metadata.name", f"the sidecar ConfigMap {name[:40]}...{SIDECAR_CONFIG_SUFFIX} would exceed "
+                                         f"{MAX_OBJECT_NAME} characters: use a shorter name")
 
 
 def check_renew_before(renew_before: dt.timedelta, ttl: dt.timedelta) -> None:
@@ -627,7 +621,7 @@ def resolve_identity(spec: WorkloadIdentitySpec, td: TrustDomainSpec,
                                                    f"namespace {spec.namespace}: {allowed} "
                                                    "(spec.certificates.allowedDNSNames)",
                             reason=Reason.DNS_NAME_NOT_ALLOWED)
-    return EffectiveIdentity(
+    identity = EffectiveIdentity(
         spec=spec,
         trust_domain=td.name,
         spiffe_id=spec.spiffe_id(td.name),
@@ -640,3 +634,6 @@ def resolve_identity(spec: WorkloadIdentitySpec, td: TrustDomainSpec,
         workload_api=td.workload_api if spec.workload_api is None else spec.workload_api,
         data_plane=choose_data_plane(spec.data_plane, td.data_plane, default_data_plane),
     )
+    if identity.has_sidecar:  # the TrustDomain's Workload API default may give it a sidecar the spec does not ask for
+        check_sidecar_configmap_name(spec.name)
+    return identity

@@ -12,11 +12,12 @@ from typing import Any
 
 import yaml
 
+from meshtls.api.ports import RESERVED_PORTS, SIDECAR_ADMIN_PORT, port_collision
 from meshtls.dataplane.layout import BUNDLE_DIR, IDENTITY_DIR
 from meshtls.pki.errors import PKIError
 from meshtls.pki.spiffe import parse_spiffe_id
 
-DEFAULT_ADMIN_PORT = 15090
+DEFAULT_ADMIN_PORT = SIDECAR_ADMIN_PORT
 DEFAULT_RELOAD_INTERVAL = dt.timedelta(seconds=1)
 
 
@@ -94,25 +95,16 @@ def _list(data: dict[str, Any], key: str) -> list[Any]:
 
 
 def check_listening_ports(inbound: list[InboundRoute], outbound: list[OutboundRoute], admin_port: int) -> None:
-    """Every port the sidecar or the app listens on in the pod is used once (meshtls.api.model mirrors this)."""
-    owner: dict[int, str] = {admin_port: "admin.port"}
-    for i, r in enumerate(inbound):
-        if r.port in owner:
-            raise PKIError(f"inbound[{i}].port", f"{r.port} is already {owner[r.port]}: listening ports must be "
-                                                 "distinct")
-        owner[r.port] = f"inbound[{i}].port"
-    apps: dict[int, str] = {}
-    for i, r in enumerate(inbound):  # the app listens on appPort in the same network namespace
-        if r.app_port in owner:
-            raise PKIError(f"inbound[{i}].appPort", f"{r.app_port} is already {owner[r.app_port]}: the app's port "
-                                                    "must differ from every port the sidecar listens on")
-        apps.setdefault(r.app_port, f"inbound[{i}].appPort")
-    for i, u in enumerate(outbound):
-        taken = owner.get(u.listen_port) or apps.get(u.listen_port)
-        if taken:
-            raise PKIError(f"outbound[{i}].listenPort", f"{u.listen_port} is already {taken}: listening ports must "
-                                                        "be distinct")
-        owner[u.listen_port] = f"outbound[{i}].listenPort"
+    """Every port the sidecar, the app or meshtls's other container listens on in the pod is used once: the same
+    rule as the WorkloadIdentity's (meshtls.api.ports), with this config's own admin port in the sidecar's place."""
+    if admin_port in RESERVED_PORTS and admin_port != SIDECAR_ADMIN_PORT:
+        raise PKIError("admin.port", f"{admin_port} is already {RESERVED_PORTS[admin_port]}: each port may be used "
+                                     "once")
+    reserved = {admin_port: "admin.port",
+                **{p: what for p, what in RESERVED_PORTS.items() if p != SIDECAR_ADMIN_PORT}}
+    collision = port_collision([(r.port, r.app_port) for r in inbound], [u.listen_port for u in outbound], reserved)
+    if collision:
+        raise PKIError(collision.field, collision.message)
 
 
 def parse_sidecar_config(data: dict[str, Any]) -> SidecarConfig:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from meshtls.api.constants import ANNOTATION_INJECTED, ANNOTATION_SPIFFE_ID
+from meshtls.api.ports import WORKLOAD_API_ADMIN_PORT
 from meshtls.dataplane.envoy import ENVOY_FILES, envoy_container_command, envoy_drain_command, envoy_ready_command
 from meshtls.dataplane.layout import (
     BUNDLE_DIR,
@@ -298,7 +299,6 @@ def _workload_api_patch(containers: list[dict[str, Any]], key: str, volume: str)
 
 
 WORKLOAD_API_CONTAINER = "meshtls-workload-api"
-WORKLOAD_API_ADMIN_PORT = 15091
 
 
 def workload_api_container(target: InjectionTarget, options: InjectionOptions,
@@ -341,17 +341,36 @@ def _declared_ports(containers: Iterable[Mapping[str, Any]]) -> dict[int, list[s
     return found
 
 
+def injected_listeners(target: InjectionTarget) -> dict[int, str]:
+    """Every port the containers meshtls injects listen on in the pod (outbound ones on 127.0.0.1, which an app
+    container's listener on any address collides with too), and which container it is."""
+    sidecar = f"{sidecar_name(target)} sidecar"
+    listeners = {port: sidecar for port in _unique_ports([*target.inbound_ports, *target.outbound_ports])}
+    listeners[target.admin_port] = sidecar
+    if workload_api_beside(target):
+        listeners[WORKLOAD_API_ADMIN_PORT] = f"{WORKLOAD_API_CONTAINER} container"
+    return listeners
+
+
+def workload_api_beside(target: InjectionTarget) -> bool:
+    """Whether the pod gets the `meshtls-workload-api` container: the Workload API on, and a data plane that does
+    not serve it itself (Envoy)."""
+    return target.workload_api and target.data_plane == ENVOY_DATA_PLANE
+
+
 def _warnings(pod_spec_: Mapping[str, Any], containers: list[dict[str, Any]], init_containers: list[dict[str, Any]],
               target: InjectionTarget, options: InjectionOptions) -> list[str]:
     warnings = []
-    ours = [*_unique_ports(target.inbound_ports), target.admin_port]
+    listeners = injected_listeners(target)
+    ours = list(listeners)
     declared = _declared_ports([*init_containers, *containers])
     for port in ours:
         if port in declared:
             warnings.append(f"meshtls: container {', '.join(sorted(set(declared[port])))} declares port {port}, "
-                            f"which the {sidecar_name(target)} sidecar listens on; one of them will fail to bind")
+                            f"which the {listeners[port]} listens on; one of them will fail to bind")
     if pod_spec_.get("hostNetwork") is True:
-        warnings.append(f"meshtls: pod uses hostNetwork: the sidecar's ports ({', '.join(map(str, ours))}) "
+        whose = "meshtls's containers' ports" if workload_api_beside(target) else "the sidecar's ports"
+        warnings.append(f"meshtls: pod uses hostNetwork: {whose} ({', '.join(map(str, ours))}) "
                         "are opened on the node itself and shared with everything else there")
     if not options.native_sidecar and pod_spec_.get("restartPolicy") in ("Never", "OnFailure"):
         warnings.append(f"meshtls: the {sidecar_name(target)} sidecar is a regular container (native sidecars are "
@@ -409,7 +428,7 @@ def build_injection_patch(pod: Mapping[str, Any], target: InjectionTarget,
         patch.append({"op": "add", "path": "/spec/containers", "value": [container]})
     else:
         patch.append({"op": "add", "path": "/spec/containers/-", "value": container})
-    if target.workload_api and target.data_plane == ENVOY_DATA_PLANE:  # Envoy does not serve the Workload API
+    if workload_api_beside(target):  # Envoy does not serve the Workload API
         socket_mode = SOCKET_MODE_GROUP if has_fs_group else SOCKET_MODE_POD
         server = workload_api_container(target, options, names, socket_mode)
         where = "/spec/initContainers/1" if options.native_sidecar else "/spec/containers/-"

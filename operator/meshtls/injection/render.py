@@ -101,6 +101,7 @@ def injection_target(identity: EffectiveIdentity, bundle_config_map: str) -> Inj
         bundle_config_map=bundle_config_map,
         pod_selector=dict(spec.pod_selector),
         inbound_ports=tuple(p.port for p in spec.inbound),
+        outbound_ports=tuple(u.listen_port for u in spec.outbound),
         workload_api=identity.workload_api,
         data_plane=identity.data_plane.value,
     )

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from meshtls.api.model import DataPlane
 from meshtls.api.names import DEFAULT_SIDECAR_IMAGE
+from meshtls.api.ports import SIDECAR_ADMIN_PORT
 
 SIDECAR_NAME = "meshtls-proxy"
 ENVOY_SIDECAR_NAME = "meshtls-envoy"  # the container of the Envoy data plane (its command is the launcher's name too)
@@ -30,7 +31,8 @@ class InjectionTarget:
     bundle_config_map: str
     pod_selector: Mapping[str, str] = field(default_factory=dict)
     inbound_ports: tuple[int, ...] = ()
-    admin_port: int = 15090
+    outbound_ports: tuple[int, ...] = ()  # the sidecar's listeners on 127.0.0.1: only for the port warnings
+    admin_port: int = SIDECAR_ADMIN_PORT
     workload_api: bool = False  # the SPIFFE Workload API socket in the pod (docs/workload-api.md)
     data_plane: str = MESHTLS_PROXY_DATA_PLANE  # meshtls.api.model.DataPlane's value: which container the pod gets
 

@@ -18,7 +18,8 @@ import os
 import signal
 import sys
 
-from meshtls.dataplane.config import DEFAULT_ADMIN_PORT, SidecarConfig, load_sidecar_config
+from meshtls.api.ports import WORKLOAD_API_ADMIN_PORT
+from meshtls.dataplane.config import SidecarConfig, load_sidecar_config
 from meshtls.dataplane.layout import BUNDLE_DIR, IDENTITY_DIR, WORKLOAD_API_DIR, WORKLOAD_API_SOCKET
 from meshtls.pki.errors import PKIError
 from meshtls.pki.spiffe import parse_spiffe_id
@@ -138,8 +139,8 @@ def workload_api_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spiffe-id", required=True, help="this pod's SPIFFE ID: nothing else is served")
     parser.add_argument("--identity-dir", default=IDENTITY_DIR, help=f"the identity Secret (default {IDENTITY_DIR})")
     parser.add_argument("--bundle-dir", default=BUNDLE_DIR, help=f"the trust bundle (default {BUNDLE_DIR})")
-    parser.add_argument("--admin-port", type=int, default=DEFAULT_ADMIN_PORT + 1,
-                        help=f"/healthz, /readyz and /metrics (default {DEFAULT_ADMIN_PORT + 1})")
+    parser.add_argument("--admin-port", type=int, default=WORKLOAD_API_ADMIN_PORT,
+                        help=f"/healthz, /readyz and /metrics (default {WORKLOAD_API_ADMIN_PORT})")
     parser.add_argument("--admin-address", default="0.0.0.0")
     parser.add_argument("--log-level", default=os.environ.get(LOG_LEVEL_ENV, "INFO"),
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper)
