@@ -234,7 +234,11 @@ def test_check_crds() -> None:
 
 def test_check_clock() -> None:
     ok, skew = checks.check_clock(NOW, NOW, NOW + dt.timedelta(milliseconds=20))
-    assert ok.status == "ok" and abs(skew.total_seconds()) < 1
+    assert ok.status == "ok" and skew == dt.timedelta(0)  # within what one request can measure: not applied
+    slow, skew = checks.check_clock(NOW, NOW - dt.timedelta(seconds=1), NOW + dt.timedelta(seconds=2))
+    assert slow.status == "ok" and skew == dt.timedelta(0)  # a slow round trip: the estimate is mostly its error
+    late, skew = checks.check_clock(NOW + dt.timedelta(seconds=10), NOW, NOW + dt.timedelta(milliseconds=20))
+    assert late.status == "ok" and dt.timedelta(seconds=10) < skew < dt.timedelta(seconds=11)  # measurable: applied
     behind, _ = checks.check_clock(NOW + dt.timedelta(seconds=45), NOW, NOW + dt.timedelta(milliseconds=20))
     assert behind.failed and "behind" in behind.message and "NTP" in behind.message
     ahead, _ = checks.check_clock(NOW - dt.timedelta(seconds=40), NOW, NOW)
