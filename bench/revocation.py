@@ -18,6 +18,7 @@ from bench.context import Bench
 from bench.issuance import RESOURCES
 
 BUNDLE_SELECTOR = "meshtls.dev%2Fbundle%3Dtrue"
+CONFIGMAP_WRITES = ("PUT configmaps", "POST configmaps", "PATCH configmaps")  # a bundle meshtls wrote is patched
 
 
 def _crl_serials(pem: str) -> set[int]:
@@ -128,9 +129,8 @@ def run(bench: Bench) -> dict[str, Any]:
         "seconds_after_last_delete": round(max(0.0, t_crl - t_deleted), 2) if t_crl else None,
         "seconds_until_all_identities_gone": round(t_gone - t0, 2) if gone else None,
         "secrets_left": left,
-        "configmap_writes": sum(v for k, v in delta.items() if k in ("PUT configmaps", "POST configmaps")),
-        "configmap_writes_per_bundle": round(sum(v for k, v in delta.items()
-                                                 if k in ("PUT configmaps", "POST configmaps"))
+        "configmap_writes": sum(v for k, v in delta.items() if k in CONFIGMAP_WRITES),
+        "configmap_writes_per_bundle": round(sum(v for k, v in delta.items() if k in CONFIGMAP_WRITES)
                                              / max(1, len(bundles.serials)), 1),
         "crl_publications": publications,
         "crl_pem_bytes": max(bundles.sizes.values(), default=0),

@@ -136,6 +136,7 @@ def test_service_account_reaches_only_what_it_serves(cluster: Cluster, installed
         ("create", "pods", app, None),
         ("get", "configmaps", "kube-system", None),
         ("create", "configmaps", other, None),
+        ("patch", "configmaps", other, None),
         ("create", "mutatingwebhookconfigurations", CLUSTER, None),
         ("update", "mutatingwebhookconfigurations/some-other-webhook", CLUSTER, None),
         ("create", "validatingwebhookconfigurations", CLUSTER, None),
@@ -155,6 +156,7 @@ def test_service_account_reaches_only_what_it_serves(cluster: Cluster, installed
         ("get", "secrets", ops, None),
         ("update", "secrets", ops, None),
         ("update", "configmaps", app, None),
+        ("patch", "configmaps", app, None),  # a bundle meshtls wrote is patched without a read first
         ("watch", "configmaps", app, None),  # sidecar ConfigMaps are restored when edited or deleted
         ("patch", "workloadidentities.meshtls.dev", app, "status"),
         ("patch", "trustdomains.meshtls.dev", CLUSTER, "status"),

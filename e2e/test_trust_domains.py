@@ -264,6 +264,61 @@ def test_a_squatted_bundle_name_is_a_condition_and_a_warning(kube: Kube, namespa
              3 * RESYNC_SECONDS)
 
 
+def test_a_bundle_patch_without_a_read_never_writes_a_configmap_not_ours(cluster: Cluster, kube: Kube,
+                                                                         namespace: str) -> None:
+    """meshtls patches a bundle it wrote without reading it first: the real API server applies none of the patch
+    when its managed-by test fails (422), and a missing ConfigMap is a 404; both fall back to read-and-decide."""
+    from meshtls.kube import connect
+    from meshtls.kube.client import ApiError, NotFound
+
+    ours = connect(str(cluster.kubeconfig))
+    labels = {"app.kubernetes.io/managed-by": "meshtls", "meshtls.dev/bundle": "true"}
+    with pytest.raises(NotFound):
+        ours.update_owned_configmap(namespace, "absent", {"ca.crt": "x"}, labels, {})
+    assert kube.configmap_data(namespace, "absent") is None
+    for name, their_labels in (("unlabelled", None), ("someone-elses", {"app.kubernetes.io/managed-by": "helm"})):
+        kube.core.create_namespaced_config_map(namespace, client.V1ConfigMap(
+            metadata=client.V1ObjectMeta(name=name, labels=their_labels), data={"mine": "yes"}))
+        with pytest.raises(ApiError) as refused:
+            ours.update_owned_configmap(namespace, name, {"ca.crt": "x"}, labels, {"meshtls.dev/trust-domains": "t"})
+        assert refused.value.status == 422
+        left = kube.core.read_namespaced_config_map(name, namespace)
+        assert left.data == {"mine": "yes"} and left.metadata.labels == their_labels and not left.metadata.annotations
+    ours.write_configmap(namespace, "ours", {"ca.crt": "old", "stale": "1"}, {**labels, "extra": "x"}, None)
+    version = ours.update_owned_configmap(namespace, "ours", {"ca.crt": "new"}, labels,
+                                          {"meshtls.dev/trust-domains": "t"})
+    written = kube.core.read_namespaced_config_map("ours", namespace)
+    assert written.data == {"ca.crt": "new"} and written.metadata.labels == labels  # replaced, as a PUT would
+    assert written.metadata.annotations == {"meshtls.dev/trust-domains": "t"}
+    assert written.metadata.resource_version == version
+
+
+def test_a_bundle_taken_over_since_meshtls_wrote_it_is_left_alone_by_a_revocation(
+        kube: Kube, namespace: str, op: OperatorProcess, cleanup: Callable[..., None]) -> None:
+    """Relabelled by someone else, its content unchanged (so no event tells meshtls it changed hands): the
+    revocation's patch fails its managed-by test, the bundle is read, reported as a conflict and never written;
+    the deletion still completes."""
+    td = make_td(kube, cleanup, unique("takeover"))
+    for name in ("w1", "w2"):
+        kube.create_identity(namespace, name, {"serviceAccountName": name, "trustDomain": td})
+    for name in ("w1", "w2"):
+        wait_for(f"{name} issued", lambda name=name: identity_ready(kube, namespace, name), 20)
+    kube.delete_identity(namespace, "w2")  # a first revocation: the bundle is patched, no read first
+    wait_for("w2 gone", lambda: kube.identity(namespace, "w2") is None, 20)
+    published = kube.configmap_data(namespace, "meshtls-bundle") or {}
+    assert published.get("crl.pem")
+    kube.core.patch_namespaced_config_map("meshtls-bundle", namespace, {
+        "metadata": {"labels": {"app.kubernetes.io/managed-by": "someone-else"}}})
+    kube.delete_identity(namespace, "w1")
+    wait_for("BundlePublished=False BundleConflict", lambda: td_condition(
+        kube, td, "BundlePublished").get("reason") == "BundleConflict", 20)
+    wait_for("w1 gone", lambda: kube.identity(namespace, "w1") is None, 20)
+    time.sleep(1)
+    taken = kube.core.read_namespaced_config_map("meshtls-bundle", namespace)
+    assert taken.data == published, "meshtls wrote into a ConfigMap it no longer owns"
+    assert taken.metadata.labels["app.kubernetes.io/managed-by"] == "someone-else"
+
+
 # --- item 6: a second TrustDomain never stops another's identities ------------------------------------------------
 
 

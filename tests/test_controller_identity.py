@@ -431,7 +431,8 @@ def test_a_burst_of_deletions_costs_one_state_write_and_one_bundle_write_per_nam
         assert revoked_serials(kube, "a.example") == serials
         assert kube.count("write_opaque_secret", OPNS, state_secret_name("a.example")) == 1
         for ns in namespaces:
-            assert kube.count("write_configmap", ns, BUNDLE) == 1
+            assert kube.count("update_owned_configmap", ns, BUNDLE) == 1  # one write per namespace,
+            assert kube.count("write_configmap", ns, BUNDLE) == kube.count("read_configmap", ns, BUNDLE) == 0  # no read
             crl = load_crls(kube.configmaps[(ns, BUNDLE)]["data"]["crl.pem"].encode())[0]
             assert {format(r.serial_number, "x") for r in crl} == serials  # every namespace sees every revocation
         assert not kube.identities

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from meshtls.kube.client import Kube, request_resource, request_target
+from meshtls.kube.client import ApiError, Conflict, Kube, NotFound, request_resource, request_target
 
 
 @pytest.mark.parametrize(("url", "resource"), [
@@ -107,3 +108,48 @@ def test_a_watch_the_server_ended_ends_quietly_and_a_consumer_that_stops_ends_th
 
     assert asyncio.run(first_only(_kube_with_stream(events, response, gate))) == events[0]
     assert response.shut == 1  # the reader, still blocked on the stream, was released
+
+
+class _Answer:
+    def __init__(self, status: int, body: dict[str, Any]) -> None:
+        self.status, self.reason, self.data = status, "", json.dumps(body).encode()
+
+
+def _kube_answering(status: int, body: dict[str, Any]) -> tuple[Kube, list[tuple[str, str, Any, str]]]:
+    from kubernetes import client
+
+    kube = Kube(client.ApiClient(client.Configuration()))
+    sent: list[tuple[str, str, Any, str]] = []
+
+    def send(method: str, path: str, payload: bytes | None, content_type: str, preload: bool = True,
+             timeout: Any = None) -> _Answer:
+        sent.append((method, path, json.loads(payload or b"null"), content_type))
+        return _Answer(status, body)
+
+    kube._send = send  # type: ignore[method-assign]
+    return kube, sent
+
+
+def test_a_bundle_is_patched_in_one_request_that_first_tests_it_is_ours() -> None:
+    kube, sent = _kube_answering(200, {"metadata": {"resourceVersion": "42"}, "data": {"ca.crt": "x"}})
+    labels = {"app.kubernetes.io/managed-by": "meshtls", "meshtls.dev/bundle": "true"}
+    version = kube.update_owned_configmap("ns", "meshtls-bundle", {"ca.crt": "x", "crl.pem": "y"}, labels,
+                                          {"meshtls.dev/trust-domains": "a.example"})
+    assert version == "42"
+    [(method, path, ops, content_type)] = sent
+    assert (method, path, content_type) == ("PATCH", "/api/v1/namespaces/ns/configmaps/meshtls-bundle",
+                                            "application/json-patch+json")
+    # the test comes first: the API server applies none of the ops when it fails
+    assert ops[0] == {"op": "test", "path": "/metadata/labels/app.kubernetes.io~1managed-by", "value": "meshtls"}
+    assert {op["path"]: op["value"] for op in ops[1:]} == {
+        "/metadata/labels": labels, "/metadata/annotations": {"meshtls.dev/trust-domains": "a.example"},
+        "/data": {"ca.crt": "x", "crl.pem": "y"}}
+
+
+@pytest.mark.parametrize(("status", "raised"), [(404, NotFound), (409, Conflict), (422, ApiError), (500, ApiError)])
+def test_a_refused_bundle_patch_raises_what_the_caller_falls_back_on(status: int, raised: type[Exception]) -> None:
+    kube, _sent = _kube_answering(status, {"kind": "Status", "message": "testing value failed"})
+    with pytest.raises(raised) as caught:
+        kube.update_owned_configmap("ns", "b", {}, {}, {})
+    if raised is ApiError:
+        assert caught.value.status == status  # type: ignore[attr-defined]

@@ -16,8 +16,15 @@ from meshtls.api.names import state_secret_name
 from meshtls.api.objects import SecretSnapshot
 from meshtls.controller.trust.domain import TrustDomainError
 from meshtls.controller.trust.registry import TrustDomains
-from meshtls.kube.client import Conflict
-from meshtls.pki import certificates_pem, generate_ca, load_certificates, load_crls
+from meshtls.kube.client import ApiError, Conflict
+from meshtls.pki import (
+    RevocationReason,
+    RevokedCertificate,
+    certificates_pem,
+    generate_ca,
+    load_certificates,
+    load_crls,
+)
 from meshtls.policy.clock import FakeClock
 
 T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
@@ -318,5 +325,147 @@ def test_a_crl_resign_is_scheduled_half_way_whatever_the_resync(validity_s: int)
             crl = load_crls(runtime.crl)[0]
             assert crl.next_update_utc is not None and crl.next_update_utc > clock.now() + dt.timedelta(
                 seconds=validity_s) / 2 - dt.timedelta(seconds=1)
+
+    run(scenario())
+
+
+# --- a bundle meshtls wrote is patched without a read first; anything unexpected is read and decided -------------
+
+
+def _revocation(serial: int) -> list[RevokedCertificate]:
+    return [RevokedCertificate(serial, T0, T0 + dt.timedelta(hours=1), RevocationReason.CESSATION_OF_OPERATION)]
+
+
+def _crl_serials(kube: FakeKube, namespace: str) -> set[int]:
+    return {r.serial_number for crl in load_crls(kube.configmaps[(namespace, "meshtls-bundle")]["data"]["crl.pem"]
+                                                   .encode()) for r in crl}
+
+
+def _bundle_calls(kube: FakeKube, namespace: str) -> list[str]:
+    return [name for name, args in kube.calls if args[:2] == (namespace, "meshtls-bundle")]
+
+
+SQUATTER = {"data": {"ca.crt": "theirs"}, "labels": {}, "annotations": {}, "uid": "u9", "resourceVersion": "900"}
+CHANGES_OF_HANDS = {
+    "ours still": lambda cm: None,
+    "relabelled by someone else": lambda cm: cm["labels"].update({LABEL_MANAGED_BY: "someone-else"}),
+    "label removed": lambda cm: cm["labels"].pop(LABEL_MANAGED_BY),
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES_OF_HANDS))
+def test_a_revocation_patches_our_bundle_in_one_request_and_never_one_not_ours(change: str) -> None:
+    kube = FakeKube()
+    kube.trust_domains["a.example"] = td("a.example")
+    trust = make(kube)
+
+    async def scenario() -> None:
+        a = await trust.get("a.example")
+        await trust.bind(a, ("m", "ida"))  # the first write: read, then created
+        assert _bundle_calls(kube, "m") == ["read_configmap", "write_configmap"]
+        CHANGES_OF_HANDS[change](kube.configmaps[("m", "meshtls-bundle")])
+        before = dict(kube.configmaps[("m", "meshtls-bundle")])
+        kube.calls.clear()
+        await trust.revoke(a, _revocation(0x1234))
+        cm = kube.configmaps[("m", "meshtls-bundle")]
+        if change == "ours still":
+            assert _bundle_calls(kube, "m") == ["update_owned_configmap"]  # no read first
+            assert 0x1234 in _crl_serials(kube, "m") and cm["labels"][LABEL_MANAGED_BY] == MANAGED_BY
+            return
+        # the patch's label test failed: read, judged not ours, left exactly as it is, and reported
+        assert _bundle_calls(kube, "m") == ["update_owned_configmap", "read_configmap"]
+        assert cm == before
+        published = next(c for c in trust.status_of(a)["conditions"] if c["type"] == "BundlePublished")
+        assert published["status"] == "False" and published["reason"] == "BundleConflict"
+        kube.calls.clear()
+        await trust.revoke(a, _revocation(0x5678))  # not ours any more: read first every time, never written
+        assert _bundle_calls(kube, "m") == ["read_configmap"] and kube.configmaps[("m", "meshtls-bundle")] == before
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("what", ["deleted", "replaced by a squatter", "409", "422 on our own", "403 without patch",
+                                  "500"])
+def test_a_failed_patch_falls_back_to_read_and_decide(what: str) -> None:
+    kube = FakeKube()
+    kube.trust_domains["a.example"] = td("a.example")
+    trust = make(kube)
+
+    async def scenario() -> None:
+        a = await trust.get("a.example")
+        await trust.bind(a, ("m", "ida"))
+        if what == "deleted":
+            del kube.configmaps[("m", "meshtls-bundle")]
+        elif what == "replaced by a squatter":
+            kube.configmaps[("m", "meshtls-bundle")] = dict(SQUATTER)
+        elif what == "409":
+            kube.failures["update_owned_configmap"] = [Conflict("the object has been modified")]
+        elif what == "422 on our own":  # e.g. a label test failing on a version the server merged otherwise
+            kube.failures["update_owned_configmap"] = [ApiError(422, "Invalid", "test failed")]
+        elif what == "403 without patch":  # a chart's RBAC from before the patch: read and replaced, as before
+            kube.failures["update_owned_configmap"] = [ApiError(403, "Forbidden", "cannot patch configmaps")]
+        else:
+            kube.failures["update_owned_configmap"] = [ApiError(500, "Internal Server Error", "etcd timeout")]
+        kube.calls.clear()
+        await trust.revoke(a, _revocation(0x1234))
+        calls = _bundle_calls(kube, "m")
+        if what == "replaced by a squatter":
+            assert calls == ["update_owned_configmap", "read_configmap"]
+            assert kube.configmaps[("m", "meshtls-bundle")] == SQUATTER
+        elif what == "500":  # not a conflict: nothing written, the namespace checked, the next publish tries again
+            assert calls == ["update_owned_configmap"] and kube.count("namespace_exists", "m") == 1
+            assert 0x1234 not in _crl_serials(kube, "m")
+            kube.calls.clear()
+            await trust.publish(a)
+            assert _bundle_calls(kube, "m") == ["update_owned_configmap"] and 0x1234 in _crl_serials(kube, "m")
+        else:  # read, then created (deleted) or replaced guarded by the version read
+            assert calls == ["update_owned_configmap", "read_configmap", "write_configmap"]
+            assert 0x1234 in _crl_serials(kube, "m")
+            assert kube.configmaps[("m", "meshtls-bundle")]["labels"][LABEL_MANAGED_BY] == MANAGED_BY
+
+    run(scenario())
+
+
+def test_our_own_patch_coming_back_is_not_a_change_but_the_same_content_written_by_another_is() -> None:
+    kube = FakeKube()
+    kube.trust_domains["a.example"] = td("a.example")
+    trust = make(kube)
+
+    async def scenario() -> None:
+        a = await trust.get("a.example")
+        await trust.bind(a, ("m", "ida"))
+        await trust.revoke(a, _revocation(0x1))
+        first = kube.configmaps[("m", "meshtls-bundle")]
+        first_data, first_version = dict(first["data"]), first["resourceVersion"]
+        await trust.revoke(a, _revocation(0x2))
+        second = kube.configmaps[("m", "meshtls-bundle")]
+        # the first patch's event arrives after the second was written: ours, no restore
+        assert not trust.bundle_changed("m", "meshtls-bundle", first_data, first_version)
+        # the same older content under a version meshtls did not write (a rollback that drops a revocation): restored
+        assert trust.bundle_changed("m", "meshtls-bundle", first_data, "7777")
+        await trust.publish_bundle("m", "meshtls-bundle")  # (reads first: what is there is not known any more)
+        assert {0x1, 0x2} <= _crl_serials(kube, "m")
+        # an event of a version once ours but already acknowledged is judged by content again
+        assert trust.bundle_changed("m", "meshtls-bundle", first_data, first_version)
+        assert not trust.bundle_changed("m", "meshtls-bundle", dict(second["data"]), "8888")  # by content: as wanted
+        assert trust.bundle_changed("m", "meshtls-bundle", None, "")  # deleted
+
+    run(scenario())
+
+
+def test_deletions_arriving_together_ask_once_whether_their_trust_domain_exists() -> None:
+    kube = FakeKube()
+    kube.trust_domains["a.example"] = td("a.example")
+    trust = make(kube)
+
+    async def scenario() -> None:
+        await trust.get("a.example")
+        kube.calls.clear()
+        found = await asyncio.gather(*(trust.get_existing("a.example") for _ in range(20)))
+        assert all(r is not None and r.name == "a.example" for r in found)
+        assert kube.count("get_trust_domain", "a.example") == 1
+        del kube.trust_domains["a.example"]  # asked again later: a fresh answer
+        assert await trust.get_existing("a.example") is None
+        assert kube.count("get_trust_domain", "a.example") == 2 and trust.runtime("a.example") is None
 
     run(scenario())

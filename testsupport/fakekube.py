@@ -21,12 +21,14 @@ import itertools
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
+from meshtls.api.constants import LABEL_MANAGED_BY, MANAGED_BY
 from meshtls.api.objects import ABSENT, SecretSnapshot
 from meshtls.kube.client import ApiError, Conflict, NotFound
 
 T = TypeVar("T")
 Key = tuple[str, str]
 WRITES = frozenset({"write_secret", "write_opaque_secret", "delete_secret", "write_configmap", "delete_configmap",
+                    "update_owned_configmap",
                     "patch_workload_identity_status", "patch_workload_identity_annotations",
                     "add_workload_identity_finalizer", "remove_workload_identity_finalizer",
                     "patch_trust_domain_status", "post_event"})
@@ -85,6 +87,8 @@ class FakeKube:
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         await asyncio.sleep(0)  # the real one runs in a thread: other coroutines get their turn
         return fn(*args, **kwargs)
+
+    run_first = run  # the real one's own lane: the same calls, on other threads
 
     # --- what tests ask -----------------------------------------------------------------------------------------
 
@@ -276,6 +280,19 @@ class FakeKube:
                                               "annotations": dict(annotations or {}), "uid": uid,
                                               "resourceVersion": self._next_rv(),
                                               "owner": dict(owner) if owner is not None else None}
+
+    @_recorded
+    def update_owned_configmap(self, namespace: str, name: str, data: Mapping[str, str], labels: Mapping[str, str],
+                               annotations: Mapping[str, str]) -> str:
+        """The JSON Patch: its `test` of the managed-by label fails with 422, a missing object is a 404."""
+        existing = self.configmaps.get((namespace, name))
+        if existing is None:
+            raise NotFound(f"configmaps {name!r} not found")
+        if existing["labels"].get(LABEL_MANAGED_BY) != MANAGED_BY:
+            raise ApiError(422, "Invalid", "the server rejected our request due to an error in our request")
+        self.configmaps[(namespace, name)] = {**existing, "data": dict(data), "labels": dict(labels),
+                                              "annotations": dict(annotations), "resourceVersion": self._next_rv()}
+        return str(self.configmaps[(namespace, name)]["resourceVersion"])
 
     @_recorded
     def delete_configmap(self, namespace: str, name: str, uid: str | None) -> None:

@@ -55,7 +55,8 @@ async def revoke_on_delete(op: Operator, body: dict[str, Any]) -> None:
         status = dict(body.get("status") or {})
         spec_td = (body.get("spec") or {}).get("trustDomain") or status.get("trustDomain")
         secret_name = (body.get("spec") or {}).get("secretName") or default_secret_name(name)
-        secret = await op.kube.run(op.kube.read_secret, namespace, secret_name)
+        # on the lane of what a CRL publication waits for: in a storm, not behind the cleanup of earlier deletions
+        secret = await op.kube.run_first(op.kube.read_secret, namespace, secret_name)
         owned = secret.exists and secret.owned_by(body["metadata"]["uid"])
         now = op.clock.now()
         by_issuer = revocations_by_issuer(status, str(spec_td or ""), now)

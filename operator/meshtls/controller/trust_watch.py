@@ -58,9 +58,9 @@ async def _look_once(op: Operator, operator_namespace: str) -> None:
 
 
 async def on_bundle_configmap(op: Operator, event_type: str, namespace: str, name: str,
-                              data: dict[str, str] | None) -> None:
+                              data: dict[str, str] | None, version: str = "") -> None:
     if event_type == "DELETED":
-        data = None
-    if op.trust.bundle_changed(namespace, name, data):
+        data, version = None, ""
+    if op.trust.bundle_changed(namespace, name, data, version):
         log.info("bundle %s/%s %s: restoring it", namespace, name, "deleted" if data is None else "changed")
         await op.trust.publish_bundle(namespace, name)

@@ -103,6 +103,11 @@ def use_kubeconfig(path: str) -> None:
     kube_config.KUBE_CONFIG_DEFAULT_LOCATION = path
 
 
+# Threads of the lane of what a revocation waits for (`Kube.run_first`): the deleted identity's reads, the state
+# Secret, bundle and status writes of its round, never queued behind the thousands of other requests of a storm.
+FIRST_THREADS = 24
+
+
 def connect(kubeconfig: str | None = None, pool_size: int = 32) -> Kube:
     """In-cluster config when running in a pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
     configuration = client.Configuration()
@@ -111,7 +116,7 @@ def connect(kubeconfig: str | None = None, pool_size: int = 32) -> Kube:
     else:
         config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
     # The default pool (cores x 5) makes threads queue for connections under load.
-    configuration.connection_pool_maxsize = pool_size
+    configuration.connection_pool_maxsize = pool_size + FIRST_THREADS
     return Kube(client.ApiClient(configuration), pool_size)
 
 
@@ -185,10 +190,17 @@ class Kube:
         self.admission = client.AdmissionregistrationV1Api(api_client)
         self.coordination = client.CoordinationV1Api(api_client)
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
+        self._first = ThreadPoolExecutor(max_workers=FIRST_THREADS, thread_name_prefix="kube-first")
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, functools.partial(fn, *args, **kwargs))
+
+    async def run_first(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """As `run`, on a lane of its own (FIRST_THREADS): the executor is first come, first served, and what every
+        deletion of a storm waits for must not queue behind the thousands of requests those deletions send."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._first, functools.partial(fn, *args, **kwargs))
 
     def _send(self, method: str, path: str, body: bytes | None, content_type: str, preload: bool = True,
               timeout: Any = None) -> Any:
@@ -200,16 +212,16 @@ class Kube:
         return self.api_client.rest_client.pool_manager.request(method, url, body=body, headers=headers,
                                                                 preload_content=preload, timeout=timeout)
 
-    def _request(self, method: str, path: str, body: Any = None, content_type: str = JSON) -> Any:
+    def _request(self, method: str, path: str, body: Any = None, content_type: str = JSON, echo: bool = False) -> Any:
         """One request with plain JSON in and out: the typed APIs' model (de)serialisation and argument validation
         cost more CPU than the request itself on the hot path. Errors raise ApiException, as the typed APIs do.
-        Only a GET's answer is parsed: a write's echo of the object (a whole Secret) is never looked at."""
+        Only a GET's answer is parsed: a write's echo of the object (a whole Secret) is looked at only on `echo`."""
         response = self._send(method, path, json.dumps(body).encode() if body is not None else None, content_type)
         data = response.data
         if not 200 <= response.status <= 299:
             raise ApiException(status=response.status, reason=response.reason,
                                body=data.decode(errors="replace") if data else "")
-        return json.loads(data) if data and method == "GET" else None
+        return json.loads(data) if data and (method == "GET" or echo) else None
 
     # --- list and watch, plain (the hot resources are followed outside kopf: controller/watching.py) ------------
 
@@ -451,6 +463,20 @@ class Kube:
         else:
             body["metadata"]["resourceVersion"] = current["resourceVersion"]
             self._request("PUT", f"/api/v1/namespaces/{namespace}/configmaps/{name}", body)
+
+    @api_call
+    def update_owned_configmap(self, namespace: str, name: str, data: Mapping[str, str], labels: Mapping[str, str],
+                               annotations: Mapping[str, str]) -> str:
+        """Replace a ConfigMap's data, labels and annotations (as `write_configmap` over a read does) in one JSON
+        Patch whose first op tests the managed-by label, with no read first: a ConfigMap meshtls does not own is
+        never written (422 ApiError), a missing one raises NotFound. Returns the resourceVersion written."""
+        managed_by = LABEL_MANAGED_BY.replace("~", "~0").replace("/", "~1")  # a JSON Pointer segment
+        ops = [{"op": "test", "path": f"/metadata/labels/{managed_by}", "value": MANAGED_BY},
+               {"op": "add", "path": "/metadata/labels", "value": dict(labels)},
+               {"op": "add", "path": "/metadata/annotations", "value": dict(annotations)},
+               {"op": "add", "path": "/data", "value": dict(data)}]
+        echo = self._request("PATCH", f"/api/v1/namespaces/{namespace}/configmaps/{name}", ops, JSON_PATCH, echo=True)
+        return str(echo["metadata"]["resourceVersion"])
 
     @api_call
     def delete_configmap(self, namespace: str, name: str, uid: str | None) -> None:

@@ -56,6 +56,7 @@ class CliKube(Kube):
     def __init__(self, api_client: client.ApiClient, threads: int = 4) -> None:  # no super(): lazy attributes
         self.api_client = api_client
         self._executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kube")
+        self._first = self._executor
 
     @functools.cached_property
     def core(self) -> client.CoreV1Api:  # type: ignore[override]

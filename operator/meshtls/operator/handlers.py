@@ -170,7 +170,7 @@ async def bundle_configmap_event(event: kopf.RawEvent, memo: kopf.Memo, **_: Any
     obj: dict[str, Any] = dict(event["object"])
     meta = obj.get("metadata", {})
     await on_bundle_configmap(op, str(event.get("type") or ""), str(meta.get("namespace")), str(meta.get("name")),
-                              dict(obj.get("data") or {}))
+                              dict(obj.get("data") or {}), str(meta.get("resourceVersion") or ""))
 
 
 @kopf.on.probe(id="scheduled")

@@ -17,13 +17,18 @@ from meshtls.api.constants import (
 )
 from meshtls.controller import metrics
 from meshtls.controller.trust.domain import Key, TrustDomainRuntime
-from meshtls.kube import Conflict
+from meshtls.kube import Conflict, NotFound
+from meshtls.kube.client import ApiError
 from meshtls.policy.trust_policy import bundle_matches, bundle_trust_domains, merge_bundle
 
 if TYPE_CHECKING:
     from meshtls.controller.trust.registry import TrustDomains
 
 log = logging.getLogger("meshtls.trust")
+OWN_VERSIONS = 4  # a bundle's own patches remembered until their event comes back
+# bundles written at once, on the lane of FIRST_THREADS (24): the rest of the lane stays free for the reads of the
+# deletions that join the next round
+PUBLISH_CONCURRENCY = 16
 
 
 async def bind(trust: TrustDomains, runtime: TrustDomainRuntime, key: Key) -> None:
@@ -69,12 +74,12 @@ async def publish(trust: TrustDomains, runtime: TrustDomainRuntime, namespaces: 
     if namespaces is None:
         if runtime.spec.bundle_namespace_selector:
             selector = ",".join(f"{k}={v}" for k, v in runtime.spec.bundle_namespace_selector.items())
-            runtime.selected = set(await trust.kube.run(trust.kube.list_namespaces, selector))
+            runtime.selected = set(await trust.kube.run_first(trust.kube.list_namespaces, selector))
         else:
             runtime.selected = set()
         targets |= runtime.selected | set(runtime.identities.per_namespace)
     current = runtime.spec.bundle_configmap
-    slots = asyncio.Semaphore(8)
+    slots = asyncio.Semaphore(PUBLISH_CONCURRENCY)
 
     async def one(ns: str, name: str) -> bool:
         async with slots:
@@ -124,11 +129,11 @@ async def publish_bundle(trust: TrustDomains, namespace: str, name: str, drop_if
 
 
 async def _remove_bundle(trust: TrustDomains, namespace: str, name: str) -> bool:
-    current = await trust.kube.run(trust.kube.read_configmap, namespace, name)
+    current = await trust.kube.run_first(trust.kube.read_configmap, namespace, name)
     if current is None or current["labels"].get(LABEL_MANAGED_BY) != MANAGED_BY:
         return False
     try:
-        await trust.kube.run(trust.kube.delete_configmap, namespace, name, current.get("uid"))
+        await trust.kube.run_first(trust.kube.delete_configmap, namespace, name, current.get("uid"))
     except Exception as exc:
         log.warning("could not remove the bundle %s/%s: %s", namespace, name, exc)
         return False
@@ -139,43 +144,68 @@ async def _remove_bundle(trust: TrustDomains, namespace: str, name: str) -> bool
 async def _write_bundle(trust: TrustDomains, namespace: str, name: str, data: dict[str, str],
                         trust_domains: str) -> bool:
     key = (namespace, name)
+    labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_BUNDLE: "true"}
+    if "," not in trust_domains:
+        labels[LABEL_TRUST_DOMAIN] = trust_domains  # a label holds one; the annotation names them all
+    annotations = {ANNOTATION_TRUST_DOMAINS: trust_domains}
+    if key in trust.published:
+        # one meshtls wrote or confirmed: one request, no read first (a revocation storm writes every bundle once
+        # per round); the patch tests the managed-by label, so a ConfigMap not ours is still never written
+        try:
+            version = await trust.kube.run_first(trust.kube.update_owned_configmap, namespace, name, data, labels,
+                                                 annotations)
+        except (NotFound, Conflict):
+            pass  # gone, or replaced: read and decide, below
+        except ApiError as exc:
+            # 422: the label test failed (not ours any more); 403: an older RBAC without `patch`: read and decide
+            if exc.status not in (403, 422):
+                return await _write_failed(trust, namespace, exc)
+        except Exception as exc:
+            return await _write_failed(trust, namespace, exc)
+        else:
+            trust.published[key] = data
+            # its watch event is ours, even when a newer CRL is already signed: no restore for it (OWN_VERSIONS:
+            # a bound, should events be missed)
+            trust.own_versions[key] = [*trust.own_versions.get(key, [])[-(OWN_VERSIONS - 1):], version]
+            return True
     for _attempt in range(3):
-        current = await trust.kube.run(trust.kube.read_configmap, namespace, name)
+        current = await trust.kube.run_first(trust.kube.read_configmap, namespace, name)
         if current is not None and current["labels"].get(LABEL_MANAGED_BY) != MANAGED_BY:
             if key not in trust.bundle_conflicts:
                 log.warning("ConfigMap %s/%s exists and is not managed by meshtls: bundle not published there",
                             namespace, name)
             trust.bundle_conflicts[key] = (f"ConfigMap {namespace}/{name} exists and is not managed by meshtls: "
                                           "the trust bundle is not published there")
+            trust.published.pop(key, None)
             return False
         trust.bundle_conflicts.pop(key, None)
-        labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_BUNDLE: "true"}
-        if "," not in trust_domains:
-            labels[LABEL_TRUST_DOMAIN] = trust_domains  # a label holds one; the annotation names them all
-        annotations = {ANNOTATION_TRUST_DOMAINS: trust_domains}
         if (current is not None and bundle_matches(current["data"], data)
                 and current.get("annotations", {}).get(ANNOTATION_TRUST_DOMAINS) == trust_domains):
             trust.published[key] = data
             return False
         try:
-            await trust.kube.run(trust.kube.write_configmap, namespace, name, data, labels, current,
-                                annotations=annotations)
+            await trust.kube.run_first(trust.kube.write_configmap, namespace, name, data, labels, current,
+                                       annotations=annotations)
         except Conflict:
             continue
-        except Exception as exc:  # a namespace being deleted must not stop the others
-            if not await _namespace_alive(trust, namespace):
-                return False
-            log.warning("could not publish the bundle into %s: %s", namespace, exc)
-            return False
+        except Exception as exc:
+            return await _write_failed(trust, namespace, exc)
         trust.published[key] = data
         return True
+    return False
+
+
+async def _write_failed(trust: TrustDomains, namespace: str, exc: Exception) -> bool:
+    """A bundle write failed: a namespace being deleted must not stop the others. Returns False (nothing written)."""
+    if await _namespace_alive(trust, namespace):
+        log.warning("could not publish the bundle into %s: %s", namespace, exc)
     return False
 
 
 async def _namespace_alive(trust: TrustDomains, namespace: str) -> bool:
     """False (and the namespace forgotten) when it is gone or terminating: no bundle is owed there any more."""
     try:
-        if await trust.kube.run(trust.kube.namespace_exists, namespace):
+        if await trust.kube.run_first(trust.kube.namespace_exists, namespace):
             return True
     except Exception:
         return True  # cannot tell: keep it, the next publish tries again
@@ -190,9 +220,16 @@ async def _namespace_alive(trust: TrustDomains, namespace: str) -> bool:
     return False
 
 
-def bundle_changed(trust: TrustDomains, namespace: str, name: str, data: dict[str, str] | None) -> bool:
+def bundle_changed(trust: TrustDomains, namespace: str, name: str, data: dict[str, str] | None,
+                   version: str = "") -> bool:
     """A bundle ConfigMap was changed or deleted: True when it differs from what meshtls would write (it is
-    then republished). Judged by content, so our own writes coming back cost nothing."""
+    then republished). Judged by content, so our own writes coming back cost nothing; and an event of a version
+    meshtls patched itself is not a change, even when a newer CRL has been signed since (that one is being
+    written: a revocation round's bundles come back while the next round signs)."""
+    own = trust.own_versions.get((namespace, name))
+    if version and own and version in own:
+        del own[:own.index(version) + 1]  # events come in order: those before it will not come any more
+        return False
     wanted = trust.wanted_bundle(namespace, name)
     if wanted is None or bundle_matches(data, wanted):
         return False

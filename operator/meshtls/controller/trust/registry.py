@@ -62,6 +62,9 @@ class TrustDomains:
         self.published: dict[BundleKey, dict[str, str]] = {}  # bundle ConfigMap -> data last written or confirmed
         self.bundle_conflicts: dict[BundleKey, str] = {}  # bundle ConfigMap squatted by an object not ours
         self.bundle_locks: dict[BundleKey, asyncio.Lock] = {}
+        # bundle ConfigMap -> resourceVersions of meshtls's own patches whose watch event has not come back yet
+        self.own_versions: dict[BundleKey, list[str]] = {}
+        self._asking: dict[str, asyncio.Future[dict[str, Any] | None]] = {}  # trust domain -> its GET in flight
 
     def loaded(self) -> list[TrustDomainRuntime]:
         return list(self.domains.values())
@@ -132,7 +135,12 @@ class TrustDomains:
     async def get_existing(self, name: str) -> TrustDomainRuntime | None:
         """The runtime only if its TrustDomain still exists (asked of the API): a deletion revokes nothing under
         a trust domain that is gone."""
-        body = await self.kube.run(self.kube.get_trust_domain, name)
+        asking = self._asking.get(name)
+        if asking is None:  # deletions arriving together share one look: a storm asks a few times, not a thousand
+            asking = asyncio.ensure_future(self.kube.run_first(self.kube.get_trust_domain, name))
+            self._asking[name] = asking
+            asking.add_done_callback(lambda done: self._asking.pop(name) if self._asking.get(name) is done else None)
+        body = await asyncio.shield(asking)  # one caller cancelled must not cancel the others' answer
         if body is None:
             self.forget(name)
             return None
@@ -282,8 +290,8 @@ class TrustDomains:
     def wanted_bundle(self, namespace: str, name: str) -> dict[str, str] | None:
         return bundles.wanted_bundle(self, namespace, name)
 
-    def bundle_changed(self, namespace: str, name: str, data: dict[str, str] | None) -> bool:
-        return bundles.bundle_changed(self, namespace, name, data)
+    def bundle_changed(self, namespace: str, name: str, data: dict[str, str] | None, version: str = "") -> bool:
+        return bundles.bundle_changed(self, namespace, name, data, version)
 
     def conflicts_of(self, runtime: TrustDomainRuntime) -> list[str]:
         return bundles.conflicts_of(self, runtime)

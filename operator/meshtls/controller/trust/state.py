@@ -76,5 +76,5 @@ async def save_state(kube: Kube, namespace: str, runtime: TrustDomainRuntime, cu
 
                 data[f"{prefix}-chain.crt"] = certificates_pem(list(ca.chain))
     labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_TRUST_DOMAIN: runtime.name}
-    await kube.run(kube.write_opaque_secret, namespace, state_secret_name(runtime.name), data,
-                        labels, current)
+    await kube.run_first(kube.write_opaque_secret, namespace, state_secret_name(runtime.name), data,
+                         labels, current)

@@ -91,7 +91,7 @@ async def write_status(trust: TrustDomains, runtime: TrustDomainRuntime) -> bool
     if patch is None:
         return False
     try:
-        await trust.kube.run(trust.kube.patch_trust_domain_status, runtime.name, patch)
+        await trust.kube.run_first(trust.kube.patch_trust_domain_status, runtime.name, patch)
     except NotFound:
         return False  # deleted meanwhile
     runtime.last_status = {**(runtime.last_status or {}), **patch}
