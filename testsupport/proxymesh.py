@@ -7,6 +7,7 @@ the kubelet's way (testsupport.kubelet.write_atomic_volume). Test code itself is
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import hashlib
@@ -56,6 +57,7 @@ def _ephemeral_low() -> int:
 
 
 _rng = random.Random()
+_handed_out: collections.deque[int] = collections.deque(maxlen=2048)  # the latest ports free_ports gave
 
 
 def free_ports(n: int) -> list[int]:
@@ -65,7 +67,9 @@ def free_ports(n: int) -> list[int]:
     ports: list[int] = []
     while len(ports) < n:
         port = _rng.randrange(10_000, max(low, 10_001))
-        if port in ports:
+        # a port handed out lately may not be bound yet (a mesh picks its listeners' and admin ports in separate
+        # calls before any proxy starts): never the same one twice in a row of calls (CI failed on one such pair)
+        if port in ports or port in _handed_out:
             continue
         with socket.socket() as s:
             try:
@@ -73,6 +77,7 @@ def free_ports(n: int) -> list[int]:
             except OSError:
                 continue
         ports.append(port)
+    _handed_out.extend(ports)
     return ports
 
 
